@@ -1,0 +1,442 @@
+#!/usr/bin/env node
+// End-to-end check of ssegate's foundations, without Kubernetes.
+//
+// Starts the release example backend (127.0.0.1:9090, where manifests/examples
+// routes `/events`) and the release ssegate on manifests/examples, waits for
+// /readyz, then streams through ssegate with curl, headless Chromium's
+// EventSource and the `eventsource` npm package, and finally checks /metrics.
+//
+//   cargo build --release --bin ssegate --example sse-backend
+//   npm ci --prefix e2e
+//   node e2e/standalone/run.mjs            # or: scripts/test
+//
+// Environment (all optional):
+//   SSEGATE_E2E_LISTEN   ssegate's proxy address   (default 127.0.0.1:18080)
+//   SSEGATE_E2E_ADMIN    ssegate's admin address   (default 127.0.0.1:18254)
+//   SSEGATE_E2E_BACKEND  backend address; must match the config (default 127.0.0.1:9090)
+//   SSEGATE_E2E_CONFIG   ssegate's --config directory (default manifests/examples)
+//   SSEGATE_E2E_TIMEOUT  overall timeout in seconds (default 90)
+//   CHROMIUM             browser binary (default /usr/bin/chromium)
+//   CARGO_TARGET_DIR     where the release binaries are (default <repo>/target)
+//
+// `--direct` skips ssegate and points every client at the backend itself. It
+// only exists to debug the harness; it is NOT a test of ssegate.
+
+import { spawn, execFile } from 'node:child_process';
+import { createWriteStream, existsSync, mkdirSync, readFileSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { EventSource as NodeEventSource } from 'eventsource';
+import { chromium } from 'playwright-core';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const REPO = path.resolve(HERE, '..', '..');
+const TARGET = process.env.CARGO_TARGET_DIR
+  ? path.resolve(REPO, process.env.CARGO_TARGET_DIR)
+  : path.join(REPO, 'target');
+const SSEGATE_BIN = path.join(TARGET, 'release', 'ssegate');
+const BACKEND_BIN = path.join(TARGET, 'release', 'examples', 'sse-backend');
+const CONFIG_DIR = path.resolve(REPO, process.env.SSEGATE_E2E_CONFIG || 'manifests/examples');
+const LOG_DIR = path.join(REPO, 'e2e', '.work', 'standalone');
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+
+const LISTEN = process.env.SSEGATE_E2E_LISTEN || '127.0.0.1:18080';
+const ADMIN = process.env.SSEGATE_E2E_ADMIN || '127.0.0.1:18254';
+const BACKEND = process.env.SSEGATE_E2E_BACKEND || '127.0.0.1:9090';
+const TIMEOUT_S = Number(process.env.SSEGATE_E2E_TIMEOUT || 90);
+const DIRECT = process.argv.includes('--direct');
+
+const BASE = `http://${DIRECT ? BACKEND : LISTEN}`;
+const ADMIN_BASE = `http://${ADMIN}`;
+
+const children = [];
+let browser = null;
+
+// ---------------------------------------------------------------- utilities
+
+function log(msg) {
+  console.log(`[standalone] ${msg}`);
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+class CheckError extends Error {}
+class Skip extends Error {}
+
+function assert(cond, msg) {
+  if (!cond) throw new CheckError(msg);
+}
+
+/** Runs `fn` with a deadline; rejects with a clear message when it passes. */
+async function withTimeout(ms, what, fn) {
+  let timer;
+  const deadline = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new CheckError(`${what}: timed out after ${ms} ms`)), ms);
+  });
+  try {
+    return await Promise.race([fn(), deadline]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Resolves true when something accepts TCP connections on host:port. */
+function portInUse(addr) {
+  const [host, port] = splitAddr(addr);
+  return new Promise((resolve) => {
+    const sock = net.connect({ host, port });
+    sock.setTimeout(500);
+    sock.once('connect', () => { sock.destroy(); resolve(true); });
+    sock.once('timeout', () => { sock.destroy(); resolve(false); });
+    sock.once('error', () => resolve(false));
+  });
+}
+
+function splitAddr(addr) {
+  const i = addr.lastIndexOf(':');
+  return [addr.slice(0, i), Number(addr.slice(i + 1))];
+}
+
+// ---------------------------------------------------------------- processes
+
+function start(name, bin, args) {
+  mkdirSync(LOG_DIR, { recursive: true });
+  const logFile = path.join(LOG_DIR, `${name}.log`);
+  const out = createWriteStream(logFile);
+  const child = spawn(bin, args, { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
+  child.stdout.pipe(out);
+  child.stderr.pipe(out);
+  const entry = { name, child, logFile, exited: null };
+  child.on('exit', (code, signal) => { entry.exited = { code, signal }; });
+  child.on('error', (err) => { entry.exited = { code: null, signal: null, err }; });
+  children.push(entry);
+  log(`started ${name} (pid ${child.pid}): ${path.relative(REPO, bin)} ${args.join(' ')}`);
+  return entry;
+}
+
+/** Kills every child: SIGTERM, then SIGKILL after 2 s. */
+async function stopAll() {
+  const alive = children.filter((c) => c.exited === null && c.child.exitCode === null);
+  for (const c of alive) c.child.kill('SIGTERM');
+  const deadline = Date.now() + 2000;
+  while (Date.now() < deadline && alive.some((c) => c.exited === null)) await sleep(50);
+  for (const c of alive) if (c.exited === null) c.child.kill('SIGKILL');
+}
+
+// Last resort (synchronous) for any exit path that skipped stopAll().
+process.on('exit', () => {
+  for (const c of children) if (c.exited === null) c.child.kill('SIGKILL');
+});
+
+function tail(file, lines = 30) {
+  try {
+    return readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
+  } catch {
+    return '(no log)';
+  }
+}
+
+/** Polls `url` until it answers 200; fails early if `entry` exits. */
+async function waitFor200(url, entry, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  let last = 'no answer';
+  while (Date.now() < deadline) {
+    if (entry.exited) {
+      throw new CheckError(
+        `${entry.name} exited (${JSON.stringify(entry.exited)}) before ${url} answered 200; ` +
+        `log ${path.relative(REPO, entry.logFile)}:\n${tail(entry.logFile)}`,
+      );
+    }
+    try {
+      const res = await fetch(url, { signal: AbortSignal.timeout(1000) });
+      if (res.status === 200) return;
+      last = `HTTP ${res.status}`;
+    } catch (err) {
+      last = err.cause?.code || err.message;
+    }
+    await sleep(100);
+  }
+  throw new CheckError(`${url} not 200 within ${timeoutMs} ms (last: ${last})`);
+}
+
+// ---------------------------------------------------------------- SSE helpers
+
+/** Parses an event-stream text into blocks of fields (for curl's output). */
+function parseEventStream(text) {
+  const blocks = [];
+  for (const raw of text.replace(/\r\n?/g, '\n').split('\n\n')) {
+    if (!raw.trim()) continue;
+    const fields = {};
+    for (const line of raw.split('\n')) {
+      if (line.startsWith(':')) continue;
+      const i = line.indexOf(':');
+      const key = i < 0 ? line : line.slice(0, i);
+      let value = i < 0 ? '' : line.slice(i + 1);
+      if (value.startsWith(' ')) value = value.slice(1);
+      fields[key] = fields[key] === undefined ? value : `${fields[key]}\n${value}`;
+    }
+    blocks.push(fields);
+  }
+  return blocks;
+}
+
+/**
+ * Opens an EventSource and collects `tick` events until the source is CLOSED
+ * (the backend answers 204 once `count` is reached) or `timeoutMs` passes.
+ * Runs both inside Chromium (page.evaluate; `ES` is then undefined and the
+ * page's own EventSource is used) and in Node (with the npm package), so it
+ * must stay self-contained.
+ */
+function collectEvents({ url, timeoutMs }, ES) {
+  const Impl = ES || globalThis.EventSource;
+  return new Promise((resolve) => {
+    const events = [];
+    const errorStates = [];
+    let opens = 0;
+    const es = new Impl(url);
+    const finish = (timedOut) => {
+      clearTimeout(timer);
+      const readyState = es.readyState;
+      es.close();
+      resolve({ events, opens, errorStates, readyState, timedOut });
+    };
+    const timer = setTimeout(() => finish(true), timeoutMs);
+    es.onopen = () => { opens += 1; };
+    es.onmessage = (e) => events.push({ type: 'message', id: e.lastEventId, data: e.data });
+    es.addEventListener('tick', (e) => events.push({ type: e.type, id: e.lastEventId, data: e.data }));
+    es.onerror = () => {
+      errorStates.push(es.readyState);
+      if (es.readyState === 2) finish(false);
+    };
+  });
+}
+
+/** Asserts that `result` holds ticks 1..count exactly once, in order, and ended CLOSED. */
+function checkCollected(result, count, { minOpens = 1 } = {}) {
+  const ids = result.events.map((e) => e.id);
+  const shown = ids.length > 40 ? `${ids.slice(0, 40).join(',')},... (${ids.length} events)` : ids.join(',');
+  const summary = `ids=[${shown}] opens=${result.opens} errors(readyState)=[${result.errorStates}] ` +
+    `readyState=${result.readyState}${result.timedOut ? ' TIMED OUT' : ''}`;
+  const expected = Array.from({ length: count }, (_, i) => String(i + 1));
+  assert(!result.timedOut, `stream did not end with readyState CLOSED in time; ${summary}`);
+  assert(ids.join(',') === expected.join(','), `expected ids 1..${count} once each in order; ${summary}`);
+  for (const e of result.events) {
+    assert(e.type === 'tick', `event ${e.id} has type ${e.type}, expected tick; ${summary}`);
+    let data;
+    try {
+      data = JSON.parse(e.data);
+    } catch {
+      throw new CheckError(`event ${e.id} data is not JSON: ${JSON.stringify(e.data)}`);
+    }
+    assert(String(data.n) === e.id && /^\d+$/.test(data.time), `event ${e.id} has bad data ${e.data}`);
+  }
+  assert(result.readyState === 2, `readyState ended ${result.readyState}, expected 2 (CLOSED); ${summary}`);
+  assert(result.opens >= minOpens, `expected at least ${minOpens} connection(s) (reconnects), got ${result.opens}; ${summary}`);
+  return summary;
+}
+
+function curl(args, timeoutMs) {
+  return new Promise((resolve) => {
+    execFile('curl', args, { timeout: timeoutMs, maxBuffer: 1 << 20 }, (err, stdout, stderr) => {
+      resolve({ code: err ? (err.code ?? err.signal) : 0, stdout, stderr });
+    });
+  });
+}
+
+// ---------------------------------------------------------------- checks
+
+let delivered = 0; // events that went through ssegate, for the /metrics check
+
+const checks = [];
+function check(name, fn) {
+  checks.push({ name, fn });
+}
+
+check('curl streams ids 1..5 (query string and SSE fields pass through)', async () => {
+  const started = Date.now();
+  const url = `${BASE}/events?interval=50ms&count=5`;
+  const { code, stdout, stderr } = await curl(['-sN', '--max-time', '5', url], 8000);
+  const took = Date.now() - started;
+  // count=5 makes the backend end the stream; if the query string were lost
+  // the stream would run on at 1/s until --max-time (exit 28).
+  assert(code === 0, `curl ${url} exited ${code} after ${took} ms ${stderr}\n${stdout}`);
+  assert(took < 4000, `curl took ${took} ms for 5 events at 50ms`);
+  assert(/^retry: 1000$/m.test(stdout), `no "retry: 1000" line in:\n${stdout}`);
+  const blocks = parseEventStream(stdout).filter((b) => b.id !== undefined);
+  const ids = blocks.map((b) => b.id);
+  assert(ids.join(',') === '1,2,3,4,5', `expected ids 1..5 in order, got [${ids}] in:\n${stdout}`);
+  assert(blocks.every((b) => b.event === 'tick'), `not every event is "event: tick":\n${stdout}`);
+  delivered += 5;
+});
+
+check('curl resumes after Last-Event-ID: 3 and gets 204 at the end', async () => {
+  const url = `${BASE}/events?interval=50ms&count=5`;
+  const resumed = await curl(['-sN', '--max-time', '5', '-H', 'Last-Event-ID: 3', url], 8000);
+  const ids = parseEventStream(resumed.stdout).filter((b) => b.id !== undefined).map((b) => b.id);
+  assert(resumed.code === 0 && ids.join(',') === '4,5',
+    `expected ids 4,5 (curl exit ${resumed.code}), got [${ids}] in:\n${resumed.stdout}`);
+  delivered += 2;
+  const done = await curl(['-s', '-o', '/dev/null', '-w', '%{http_code}', '--max-time', '5',
+    '-H', 'Last-Event-ID: 5', url], 8000);
+  assert(done.stdout === '204', `expected 204 for Last-Event-ID: 5 of count=5, got ${done.stdout} (exit ${done.code})`);
+});
+
+async function newPage() {
+  if (!browser) {
+    browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      headless: true,
+      timeout: 30000,
+      args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-quic',
+        '--no-first-run', '--disable-component-update', '--disable-sync'],
+    });
+  }
+  const page = await browser.newPage();
+  // Any document on the proxy's origin will do (a 404 is fine): it makes
+  // EventSource('/events...') same-origin, so no CORS is involved.
+  await page.goto(`${BASE}/e2e-page-does-not-exist`, { timeout: 10000 });
+  return page;
+}
+
+check('Chromium EventSource: 20 events once each in order, then 204 closes it', async () => {
+  assert(existsSync(CHROMIUM), `no browser at ${CHROMIUM} (apt-get install -y chromium)`);
+  const page = await newPage();
+  try {
+    const result = await page.evaluate(collectEvents, { url: '/events?interval=50ms&count=20', timeoutMs: 10000 });
+    log(`  ${checkCollected(result, 20)}`);
+    delivered += 20;
+  } finally {
+    await page.close();
+  }
+});
+
+check('Chromium EventSource reconnects with Last-Event-ID (count=6, cut=3)', async () => {
+  const page = await newPage();
+  try {
+    const result = await page.evaluate(collectEvents, { url: '/events?interval=50ms&count=6&cut=3', timeoutMs: 10000 });
+    log(`  ${checkCollected(result, 6, { minOpens: 2 })}`);
+    delivered += 6;
+  } finally {
+    await page.close();
+  }
+});
+
+check('eventsource (npm): 20 events once each in order, then 204 closes it', async () => {
+  const result = await collectEvents({ url: `${BASE}/events?interval=50ms&count=20`, timeoutMs: 10000 }, NodeEventSource);
+  log(`  ${checkCollected(result, 20)}`);
+  delivered += 20;
+});
+
+check('eventsource (npm) reconnects with Last-Event-ID (count=6, cut=3)', async () => {
+  const result = await collectEvents({ url: `${BASE}/events?interval=50ms&count=6&cut=3`, timeoutMs: 10000 }, NodeEventSource);
+  log(`  ${checkCollected(result, 6, { minOpens: 2 })}`);
+  delivered += 6;
+});
+
+/** Sums the samples of one metric family in Prometheus text format. */
+function sumMetric(text, name) {
+  let sum = 0;
+  const series = [];
+  for (const line of text.split('\n')) {
+    const m = line.match(/^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)/);
+    if (m && m[1] === name) {
+      sum += Number(m[3]);
+      series.push(`${m[1]}${m[2] || ''} ${m[3]}`);
+    }
+  }
+  return { sum, series };
+}
+
+check('/metrics counts the events and connections', async () => {
+  if (DIRECT) {
+    throw new Skip('--direct mode: there is no ssegate to ask');
+  }
+  const res = await fetch(`${ADMIN_BASE}/metrics`, { signal: AbortSignal.timeout(5000) });
+  const text = await res.text();
+  assert(res.status === 200, `/metrics answered ${res.status}`);
+  const events = sumMetric(text, 'ssegate_events_total');
+  const conns = sumMetric(text, 'ssegate_connections_total');
+  log(`  delivered through ssegate: ${delivered}; ${events.series.join('; ') || 'no ssegate_events_total'}; ` +
+    `${conns.series.join('; ') || 'no ssegate_connections_total'}`);
+  assert(events.series.some((s) => /route="[^"]+"/.test(s)),
+    `no ssegate_events_total{route="..."} series in /metrics:\n${text.slice(0, 2000)}`);
+  assert(events.sum >= delivered, `ssegate_events_total sums to ${events.sum}, fewer than the ${delivered} events delivered`);
+  assert(conns.sum > 0, `ssegate_connections_total is ${conns.sum}, expected > 0`);
+});
+
+// ---------------------------------------------------------------- main
+
+async function main() {
+  for (const [bin, what] of [[BACKEND_BIN, 'example sse-backend'], ...(DIRECT ? [] : [[SSEGATE_BIN, 'ssegate']])]) {
+    assert(existsSync(bin), `${what} not built (${bin}); run: cargo build --release --bin ssegate --example sse-backend`);
+  }
+  if (!DIRECT) assert(existsSync(CONFIG_DIR), `no ${path.relative(REPO, CONFIG_DIR)}/`);
+  for (const addr of [BACKEND, ...(DIRECT ? [] : [LISTEN, ADMIN])]) {
+    assert(!(await portInUse(addr)), `${addr} is already in use (is scripts/demo or an earlier run still going?)`);
+  }
+
+  const backend = start('sse-backend', BACKEND_BIN, ['--listen', BACKEND]);
+  await waitFor200(`http://${BACKEND}/healthz`, backend, 10000);
+  if (DIRECT) {
+    log(`--direct: clients talk to the backend at ${BASE}; ssegate is NOT tested`);
+  } else {
+    const gate = start('ssegate', SSEGATE_BIN, ['run', '--config', CONFIG_DIR, '--listen', LISTEN, '--admin', ADMIN]);
+    await waitFor200(`${ADMIN_BASE}/readyz`, gate, 30000);
+    log(`ssegate ready: proxy ${BASE}, admin ${ADMIN_BASE}`);
+  }
+
+  let passed = 0;
+  let failed = 0;
+  let skipped = 0;
+  for (const { name, fn } of checks) {
+    const started = Date.now();
+    try {
+      await withTimeout(30000, name, fn);
+      passed += 1;
+      log(`ok   - ${name} (${Date.now() - started} ms)`);
+    } catch (err) {
+      if (err instanceof Skip) {
+        skipped += 1;
+        log(`skip - ${name}: ${err.message}`);
+        continue;
+      }
+      failed += 1;
+      log(`FAIL - ${name} (${Date.now() - started} ms)\n${err instanceof CheckError ? err.message : err.stack}`);
+    }
+  }
+  if (failed) {
+    for (const c of children) log(`--- last lines of ${path.relative(REPO, c.logFile)}:\n${tail(c.logFile)}`);
+  }
+  console.log(`standalone: ${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ''}`);
+  return failed === 0;
+}
+
+let ok = false;
+const overall = setTimeout(async () => {
+  log(`FAIL - overall timeout of ${TIMEOUT_S} s reached`);
+  for (const c of children) log(`--- last lines of ${path.relative(REPO, c.logFile)}:\n${tail(c.logFile)}`);
+  await stopAll();
+  process.exit(1);
+}, TIMEOUT_S * 1000);
+
+for (const sig of ['SIGINT', 'SIGTERM']) {
+  process.on(sig, async () => {
+    log(`got ${sig}, stopping`);
+    await stopAll();
+    process.exit(130);
+  });
+}
+
+try {
+  ok = await main();
+} catch (err) {
+  log(`FAIL - ${err instanceof CheckError ? err.message : err.stack}`);
+} finally {
+  if (browser) await browser.close().catch(() => {});
+  await stopAll();
+  clearTimeout(overall);
+}
+process.exit(ok ? 0 : 1);
