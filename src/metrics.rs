@@ -1,0 +1,248 @@
+//! Prometheus metrics. The [`Metrics`] value owns its own registry; it is built at start-up and
+//! passed in (never a global), so every test can make its own and read exact values.
+//!
+//! Labels are bounded: `route` (`namespace/name`) and a fixed `reason` vocabulary, never a client
+//! address, session key or endpoint IP. Per-route handles ([`RouteMetrics`]) are resolved once
+//! when a routing table is compiled, so the relay path only does atomic adds.
+
+use std::sync::Arc;
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// Every `reason` of `ssegate_upstream_errors_total`.
+pub const UPSTREAM_ERROR_REASONS: [&str; 7] = [
+    "connect_failed",
+    "connect_timeout",
+    "first_byte_timeout",
+    "no_endpoints",
+    "protocol",
+    "reset",
+    "idle_timeout",
+];
+/// Every `reason` of `ssegate_rejected_total`.
+pub const REJECT_REASONS: [&str; 2] = ["over_capacity", "bad_request"];
+
+/// All of ssegate's metric families and the registry they are registered in.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    connections_active: IntGaugeVec,
+    connections_total: IntCounterVec,
+    events_total: IntCounterVec,
+    bytes_sent_total: IntCounterVec,
+    keepalives_total: IntCounterVec,
+    upstream_errors_total: IntCounterVec,
+    rejected_total: IntCounterVec,
+    config_reloads_total: IntCounterVec,
+    routes: IntGauge,
+}
+
+impl Metrics {
+    /// Creates every metric family in a fresh registry.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let connections_total = counter(
+            "ssegate_connections_total",
+            "Streams accepted and forwarded to an upstream, per route.",
+            &["route"],
+        );
+        let events_total = counter(
+            "ssegate_events_total",
+            "SSE events relayed to clients, per route; rate() of it is events per second.",
+            &["route"],
+        );
+        let bytes_sent_total = counter(
+            "ssegate_bytes_sent_total",
+            "Response body bytes sent to clients (events and keepalives), per route.",
+            &["route"],
+        );
+        let keepalives_total = counter(
+            "ssegate_keepalives_total",
+            "Keepalive comments injected into idle streams, per route.",
+            &["route"],
+        );
+        let upstream_errors_total = counter(
+            "ssegate_upstream_errors_total",
+            "Upstream failures per route and reason (connect_failed, connect_timeout, \
+             first_byte_timeout, no_endpoints, protocol, reset, idle_timeout).",
+            &["route", "reason"],
+        );
+        let rejected_total = counter(
+            "ssegate_rejected_total",
+            "Requests refused before reaching an upstream, per route and reason.",
+            &["route", "reason"],
+        );
+        let config_reloads_total = counter(
+            "ssegate_config_reloads_total",
+            "Configuration loads, by result (success, failure).",
+            &["result"],
+        );
+        let connections_active = IntGaugeVec::new(
+            Opts::new(
+                "ssegate_connections_active",
+                "Streams currently open, per route.",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(connections_active.clone()))
+            .expect("unique metric");
+        let routes = IntGauge::new(
+            "ssegate_routes",
+            "Routes in the routing table being served.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(routes.clone()))
+            .expect("unique metric");
+        Metrics {
+            registry,
+            connections_active,
+            connections_total,
+            events_total,
+            bytes_sent_total,
+            keepalives_total,
+            upstream_errors_total,
+            rejected_total,
+            config_reloads_total,
+            routes,
+        }
+    }
+
+    /// The registry, for exposition or for registering more collectors.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Handles for one route (`namespace/name`), resolved once per table compile.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let l = &[route];
+        RouteMetrics {
+            route: Arc::from(route),
+            connections_active: self.connections_active.with_label_values(l),
+            connections_total: self.connections_total.with_label_values(l),
+            events_total: self.events_total.with_label_values(l),
+            bytes_sent_total: self.bytes_sent_total.with_label_values(l),
+            keepalives_total: self.keepalives_total.with_label_values(l),
+            upstream_errors: self.upstream_errors_total.clone(),
+            rejected: self.rejected_total.clone(),
+        }
+    }
+
+    /// Drops every series of a route that no longer exists, so `/metrics` does not grow with
+    /// route churn.
+    pub fn forget_route(&self, route: &str) {
+        let l = &[route];
+        let _ = self.connections_active.remove_label_values(l);
+        let _ = self.connections_total.remove_label_values(l);
+        let _ = self.events_total.remove_label_values(l);
+        let _ = self.bytes_sent_total.remove_label_values(l);
+        let _ = self.keepalives_total.remove_label_values(l);
+        for reason in UPSTREAM_ERROR_REASONS {
+            let _ = self
+                .upstream_errors_total
+                .remove_label_values(&[route, reason]);
+        }
+        for reason in REJECT_REASONS {
+            let _ = self.rejected_total.remove_label_values(&[route, reason]);
+        }
+    }
+
+    /// Counts one configuration load.
+    pub fn config_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.config_reloads_total.with_label_values(&[result]).inc();
+    }
+
+    /// Sets the number of routes being served.
+    pub fn set_routes(&self, n: usize) {
+        self.routes.set(n as i64);
+    }
+
+    /// Renders the registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# error encoding metrics: {e}\n"))
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Pre-resolved metric handles of one route; cloning is cheap (reference counts).
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    /// `namespace/name`, the `route` label value.
+    pub route: Arc<str>,
+    /// `ssegate_connections_active{route}`
+    pub connections_active: IntGauge,
+    /// `ssegate_connections_total{route}`
+    pub connections_total: IntCounter,
+    /// `ssegate_events_total{route}`
+    pub events_total: IntCounter,
+    /// `ssegate_bytes_sent_total{route}`
+    pub bytes_sent_total: IntCounter,
+    /// `ssegate_keepalives_total{route}`
+    pub keepalives_total: IntCounter,
+    upstream_errors: IntCounterVec,
+    rejected: IntCounterVec,
+}
+
+impl RouteMetrics {
+    /// Counts an upstream failure (rare path, so the label lookup is fine here).
+    pub fn upstream_error(&self, reason: &'static str) {
+        self.upstream_errors
+            .with_label_values(&[&self.route, reason])
+            .inc();
+    }
+
+    /// Counts a request refused before it reached an upstream.
+    pub fn rejected(&self, reason: &'static str) {
+        self.rejected
+            .with_label_values(&[&self.route, reason])
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_handles_feed_the_labelled_series() {
+        let m = Metrics::new();
+        let r = m.route("apps/feed");
+        r.events_total.inc_by(3);
+        r.upstream_error("connect_failed");
+        let text = m.render();
+        assert!(
+            text.contains(r#"ssegate_events_total{route="apps/feed"} 3"#),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"ssegate_upstream_errors_total{reason="connect_failed",route="apps/feed"} 1"#
+        ));
+        m.forget_route("apps/feed");
+        assert!(!m.render().contains("apps/feed"));
+    }
+
+    #[test]
+    fn registries_are_independent() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        a.route("x/y").events_total.inc();
+        assert!(!b.render().contains("x/y"));
+    }
+}

@@ -1,0 +1,179 @@
+//! Errors of the request path, classified once: each knows its HTTP status, its metric
+//! label and whether it is the client's, the upstream's or our own doing.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+/// Why a request got no upstream response.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No rule matches the host and path (404).
+    #[error("no route for {host}{path}")]
+    NoRoute {
+        /// Request host, lower-cased, without port.
+        host: String,
+        /// Request path.
+        path: String,
+    },
+    /// The rule's Service has no ready endpoint (503).
+    #[error("service {0} has no ready endpoints")]
+    NoEndpoints(String),
+    /// The rule's `maxConnections` is reached (503 + `Retry-After`).
+    #[error("route {route} is at its limit of {limit} concurrent streams")]
+    OverCapacity {
+        /// `namespace/name`.
+        route: String,
+        /// The rule's `maxConnections`.
+        limit: u32,
+    },
+    /// Every endpoint tried refused or did not answer the TCP connect (502).
+    #[error("cannot connect to {backend}: {reason}")]
+    Connect {
+        /// `namespace/service:port`.
+        backend: String,
+        /// The last attempt's failure.
+        reason: String,
+        /// The last attempt timed out rather than failed.
+        timed_out: bool,
+    },
+    /// The upstream did not send response headers within `timeouts.firstByte` (504).
+    #[error("upstream {backend} sent no response within {after:?}")]
+    FirstByteTimeout {
+        /// `namespace/service:port`.
+        backend: String,
+        /// The configured timeout.
+        after: std::time::Duration,
+    },
+    /// The upstream broke the HTTP exchange before its response headers (502).
+    #[error("upstream {backend} failed: {source}")]
+    Upstream {
+        /// `namespace/service:port`.
+        backend: String,
+        /// What hyper saw.
+        source: hyper::Error,
+    },
+    /// The request cannot be forwarded as sent (400).
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+}
+
+impl ProxyError {
+    /// The HTTP status sent to the client.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoEndpoints(_) | ProxyError::OverCapacity { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::FirstByteTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// Stable label for metrics and the JSON body's `error` field.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute { .. } => "no_route",
+            ProxyError::NoEndpoints(_) => "no_endpoints",
+            ProxyError::OverCapacity { .. } => "over_capacity",
+            ProxyError::Connect {
+                timed_out: false, ..
+            } => "connect_failed",
+            ProxyError::Connect {
+                timed_out: true, ..
+            } => "connect_timeout",
+            ProxyError::FirstByteTimeout { .. } => "first_byte_timeout",
+            ProxyError::Upstream { .. } => "protocol",
+            ProxyError::BadRequest(_) => "bad_request",
+        }
+    }
+
+    /// True for failures caused by the upstream (counted in `ssegate_upstream_errors_total`).
+    pub fn is_upstream(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::NoEndpoints(_)
+                | ProxyError::Connect { .. }
+                | ProxyError::FirstByteTimeout { .. }
+                | ProxyError::Upstream { .. }
+        )
+    }
+
+    /// A short JSON response: `{"error":"no_route","message":"no route for ..."}`.
+    pub fn to_response<B: From<Bytes>>(&self) -> Response<B> {
+        let body = serde_json::json!({ "error": self.metric_label(), "message": self.to_string() });
+        let mut resp = Response::new(B::from(Bytes::from(body.to_string() + "\n")));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_labels() {
+        let cases = [
+            (
+                ProxyError::NoRoute {
+                    host: "h".into(),
+                    path: "/p".into(),
+                },
+                404,
+                "no_route",
+            ),
+            (
+                ProxyError::NoEndpoints("a/s:80".into()),
+                503,
+                "no_endpoints",
+            ),
+            (
+                ProxyError::OverCapacity {
+                    route: "a/r".into(),
+                    limit: 1,
+                },
+                503,
+                "over_capacity",
+            ),
+            (
+                ProxyError::Connect {
+                    backend: "b".into(),
+                    reason: "refused".into(),
+                    timed_out: false,
+                },
+                502,
+                "connect_failed",
+            ),
+            (
+                ProxyError::FirstByteTimeout {
+                    backend: "b".into(),
+                    after: std::time::Duration::from_secs(1),
+                },
+                504,
+                "first_byte_timeout",
+            ),
+        ];
+        for (err, status, label) in cases {
+            assert_eq!(err.status().as_u16(), status);
+            assert_eq!(err.metric_label(), label);
+            let resp: Response<Bytes> = err.to_response();
+            let v: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();
+            assert_eq!(v["error"], label);
+            assert_eq!(
+                resp.headers().contains_key(header::RETRY_AFTER),
+                status == 503
+            );
+        }
+    }
+}

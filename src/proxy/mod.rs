@@ -1,0 +1,443 @@
+//! The data plane: listeners, request handling and the upstream exchange.
+//!
+//! A request loads the routing table once (one atomic load), keeps only the `Arc<Rule>` it
+//! matched, picks an endpoint, connects (falling over to the next endpoint on a connect
+//! failure), sends the request and relays the response body through [`relay`]'s wrappers.
+//! Errors are classified in [`error::ProxyError`].
+
+pub mod error;
+pub mod relay;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use futures_util::future::poll_fn;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Version};
+use http_body::Body;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::api::Mode;
+use crate::routing::{RouteTable, Rule};
+use error::ProxyError;
+use relay::{DriveConn, RelayBody, RelayTimers, StreamGuard};
+
+/// Endpoints tried per request before answering 502.
+const CONNECT_ATTEMPTS: usize = 3;
+
+/// Response body of the proxy: a short generated body, or a relayed upstream body.
+pub type ProxyBody = Either<Full<Bytes>, RelayBody<DriveConn<UpstreamConn, Incoming>>>;
+
+/// The upstream HTTP/1 connection future driven by [`DriveConn`].
+pub type UpstreamConn = hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Incoming>;
+
+/// The shared, atomically swappable routing table.
+pub type SharedTable = Arc<ArcSwap<RouteTable>>;
+
+/// Settings of the proxy listener.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// `X-Forwarded-Proto` sent upstream: `http` or `https`.
+    pub scheme: &'static str,
+    /// How long a client may take to send request headers.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            scheme: "http",
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Handles proxied requests against the current routing table.
+pub struct Proxy {
+    table: SharedTable,
+    config: ProxyConfig,
+}
+
+impl Proxy {
+    /// A proxy serving whatever table `table` holds at each request.
+    pub fn new(table: SharedTable, config: ProxyConfig) -> Self {
+        Proxy { table, config }
+    }
+
+    /// Serves connections from `listener` until the task is dropped. HTTP/1.1, and HTTP/2
+    /// with prior knowledge, on the same port.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.header_read_timeout);
+        let builder = Arc::new(builder);
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let proxy = self.clone();
+            let builder = builder.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let proxy = proxy.clone();
+                    async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
+                });
+                if let Err(e) = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                }
+            });
+        }
+    }
+
+    /// Answers one request: a relayed upstream response or a short JSON error.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        match self.forward(req, peer).await {
+            Ok(resp) => resp,
+            Err((err, rule)) => {
+                if let Some(rule) = rule {
+                    if err.is_upstream() {
+                        rule.metrics.upstream_error(err.metric_label());
+                    } else {
+                        rule.metrics.rejected(err.metric_label());
+                    }
+                }
+                tracing::debug!(%peer, error = %err, status = err.status().as_u16(), "request failed");
+                err.to_response::<Full<Bytes>>().map(Either::Left)
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, (ProxyError, Option<Arc<Rule>>)> {
+        let host = request_host(&req).ok_or((ProxyError::BadRequest("missing Host"), None))?;
+        let rule = {
+            let table = self.table.load();
+            table.route(&host, req.uri().path()).cloned()
+        };
+        let Some(rule) = rule else {
+            return Err((
+                ProxyError::NoRoute {
+                    host,
+                    path: req.uri().path().to_string(),
+                },
+                None,
+            ));
+        };
+        let fail = |e: ProxyError| (e, Some(rule.clone()));
+        let guard = StreamGuard::admit(&rule).ok_or_else(|| {
+            fail(ProxyError::OverCapacity {
+                route: rule.route().to_string(),
+                limit: rule.max_connections,
+            })
+        })?;
+        if rule.backend.is_empty() {
+            return Err(fail(ProxyError::NoEndpoints(rule.backend.name.clone())));
+        }
+        let stream = connect(&rule).await.map_err(fail)?;
+        let upstream_req =
+            upstream_request(req, &rule, &host, peer, self.config.scheme).map_err(fail)?;
+
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| {
+                fail(ProxyError::Upstream {
+                    backend: rule.backend.name.clone(),
+                    source,
+                })
+            })?;
+        let mut conn = Box::pin(conn);
+        let mut conn_done = false;
+        let mut send = std::pin::pin!(sender.send_request(upstream_req));
+        let exchange = poll_fn(|cx| {
+            if !conn_done && let std::task::Poll::Ready(res) = conn.as_mut().poll(cx) {
+                conn_done = true;
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "upstream connection failed before response");
+                }
+            }
+            send.as_mut().poll(cx)
+        });
+        let upstream_resp = match rule.timeouts.first_byte {
+            Some(after) => tokio::time::timeout(after, exchange).await.map_err(|_| {
+                fail(ProxyError::FirstByteTimeout {
+                    backend: rule.backend.name.clone(),
+                    after,
+                })
+            })?,
+            None => exchange.await,
+        }
+        .map_err(|source| {
+            fail(ProxyError::Upstream {
+                backend: rule.backend.name.clone(),
+                source,
+            })
+        })?;
+        drop(sender);
+
+        let (mut parts, body) = upstream_resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let sse = is_event_stream(&parts.headers);
+        if sse {
+            // The framer needs the bytes as sent; a length would be wrong once keepalives
+            // are injected.
+            parts.headers.remove(header::CONTENT_LENGTH);
+            parts
+                .headers
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            parts
+                .headers
+                .insert("x-accel-buffering", HeaderValue::from_static("no"));
+        }
+        let timers = RelayTimers {
+            keepalive: rule.keepalive,
+            idle: rule.timeouts.idle,
+            max_duration: rule.timeouts.max_duration,
+        };
+        let body = if conn_done {
+            // The connection finished while we waited for headers (e.g. a tiny response
+            // already read in full); the body needs no driving.
+            DriveConn::finished(body)
+        } else {
+            DriveConn::new(conn, body)
+        };
+        let body = RelayBody::new(body, sse, timers, guard);
+        Ok(Response::from_parts(parts, Either::Right(body)))
+    }
+}
+
+/// Connects to up to [`CONNECT_ATTEMPTS`] endpoints in turn; the first success wins.
+async fn connect(rule: &Rule) -> Result<TcpStream, ProxyError> {
+    let mut last = None;
+    for addr in rule.backend.candidates(CONNECT_ATTEMPTS) {
+        let attempt = TcpStream::connect(addr);
+        let res = match rule.timeouts.connect {
+            Some(t) => tokio::time::timeout(t, attempt).await.ok(),
+            None => Some(attempt.await),
+        };
+        match res {
+            Some(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(route = rule.route(), endpoint = %addr, error = %e, "connect failed");
+                rule.metrics.upstream_error("connect_failed");
+                last = Some((e.to_string(), false));
+            }
+            None => {
+                tracing::warn!(route = rule.route(), endpoint = %addr, "connect timed out");
+                rule.metrics.upstream_error("connect_timeout");
+                last = Some(("timed out".to_string(), true));
+            }
+        }
+    }
+    let (reason, timed_out) = last.unwrap_or_else(|| ("no endpoints".into(), false));
+    Err(ProxyError::Connect {
+        backend: rule.backend.name.clone(),
+        reason,
+        timed_out,
+    })
+}
+
+/// The request's host, lower-cased and without a port: the `Host` header, or the URI's
+/// authority (HTTP/2, absolute-form).
+pub fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
+    let host = if let Some(v6) = raw.strip_prefix('[') {
+        // [::1]:8080
+        v6.split(']').next().unwrap_or(v6)
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                raw
+            }
+        })
+    };
+    Some(host.trim_end_matches('.').to_ascii_lowercase())
+}
+
+/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let identity = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|e| e.trim().eq_ignore_ascii_case("identity"));
+    ct.split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .eq_ignore_ascii_case("text/event-stream")
+        && identity
+}
+
+/// Builds the upstream request: rewritten path, filtered headers, `X-Forwarded-*`.
+fn upstream_request<B: Body>(
+    req: Request<B>,
+    rule: &Rule,
+    host: &str,
+    peer: SocketAddr,
+    scheme: &str,
+) -> Result<Request<B>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    let path = rule.upstream_path(parts.uri.path());
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    parts.uri = path_and_query
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("invalid path"))?;
+    parts.version = Version::HTTP_11;
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h);
+    if let Some(host_value) = &original_host {
+        h.insert(header::HOST, host_value.clone());
+        h.insert("x-forwarded-host", host_value.clone());
+    } else if let Ok(v) = HeaderValue::from_str(host) {
+        h.insert(header::HOST, v.clone());
+        h.insert("x-forwarded-host", v);
+    }
+    let client_ip = peer.ip().to_canonical().to_string();
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client_ip}"),
+        _ => client_ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
+    );
+    if rule.mode == Mode::Stream {
+        // Compressed events would hide their boundaries from the framer.
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_parsing() {
+        let req = |h: &str| {
+            Request::builder()
+                .uri("/")
+                .header("host", h)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            request_host(&req("Events.Example.com:8080")).unwrap(),
+            "events.example.com"
+        );
+        assert_eq!(request_host(&req("example.com.")).unwrap(), "example.com");
+        assert_eq!(request_host(&req("[::1]:80")).unwrap(), "::1");
+        let h2 = Request::builder()
+            .uri("https://a.example/x")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&h2).unwrap(), "a.example");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("authorization", HeaderValue::from_static("Bearer t"));
+        h.insert("last-event-id", HeaderValue::from_static("7"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(h.contains_key("authorization") && h.contains_key("last-event-id"));
+    }
+
+    #[test]
+    fn event_stream_detection() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("Text/Event-Stream; charset=utf-8"),
+        );
+        assert!(is_event_stream(&h));
+        h.insert("content-encoding", HeaderValue::from_static("gzip"));
+        assert!(!is_event_stream(&h));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.remove("content-encoding");
+        assert!(!is_event_stream(&h));
+    }
+}

@@ -1,0 +1,501 @@
+//! Response body wrappers of the relay path. Each does one job:
+//!
+//! - [`DriveConn`] owns the upstream HTTP/1 connection and drives it from inside the body's
+//!   `poll_frame`, so no task is spawned per stream, backpressure from a slow client reaches
+//!   the upstream socket, and dropping the body (client gone) closes the upstream at once.
+//! - [`RelayBody`] forwards upstream frames unchanged (`Bytes` pass-through, no copy), lets the
+//!   SSE [`Framer`] scan them for event boundaries and counts, and runs the stream's timers:
+//!   keepalive comments (only at an event boundary), upstream idle timeout and maximum
+//!   duration (ended at a boundary). One timer per stream serves all three.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+use crate::routing::Rule;
+use crate::sse::{Framer, KEEPALIVE};
+
+/// Boxed error type of proxied bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pin_project! {
+    /// A body that also polls the connection future it came from.
+    pub struct DriveConn<C, B> {
+        conn: Option<Pin<Box<C>>>,
+        #[pin]
+        body: B,
+    }
+}
+
+impl<C, B> DriveConn<C, B> {
+    /// Wraps `body`, driving `conn` (e.g. hyper's client `Connection`) while it is polled.
+    pub fn new(conn: Pin<Box<C>>, body: B) -> Self {
+        DriveConn {
+            conn: Some(conn),
+            body,
+        }
+    }
+
+    /// Wraps `body` whose connection has already finished.
+    pub fn finished(body: B) -> Self {
+        DriveConn { conn: None, body }
+    }
+}
+
+impl<C, E, B> Body for DriveConn<C, B>
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+    B: Body,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        if let Some(conn) = this.conn
+            && let Poll::Ready(res) = conn.as_mut().poll(cx)
+        {
+            if let Err(e) = res {
+                // The body sees the same failure as an error frame; this is for the log.
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+            *this.conn = None;
+        }
+        this.body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Accounts for one open stream on its rule: the rule's connection counter and the route's
+/// `ssegate_connections_active` gauge go down when it is dropped.
+#[derive(Debug)]
+pub struct StreamGuard {
+    rule: Arc<Rule>,
+}
+
+impl StreamGuard {
+    /// Admits a stream on `rule` unless its `maxConnections` is reached.
+    pub fn admit(rule: &Arc<Rule>) -> Option<Self> {
+        let prev = rule.active.fetch_add(1, Ordering::AcqRel);
+        if rule.max_connections > 0 && prev >= rule.max_connections as usize {
+            rule.active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        rule.metrics.connections_active.inc();
+        rule.metrics.connections_total.inc();
+        Some(StreamGuard { rule: rule.clone() })
+    }
+
+    /// The rule this stream runs on.
+    pub fn rule(&self) -> &Arc<Rule> {
+        &self.rule
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.rule.active.fetch_sub(1, Ordering::AcqRel);
+        self.rule.metrics.connections_active.dec();
+    }
+}
+
+/// Timer settings of a relayed stream.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RelayTimers {
+    /// Inject a keepalive comment after this much client-side silence (SSE only).
+    pub keepalive: Option<Duration>,
+    /// End the stream after this much upstream silence.
+    pub idle: Option<Duration>,
+    /// End the stream (at an event boundary) after this long.
+    pub max_duration: Option<Duration>,
+}
+
+pin_project! {
+    /// The relayed response body; see the module docs.
+    pub struct RelayBody<B> {
+        #[pin]
+        inner: B,
+        framer: Framer,
+        sse: bool,
+        timers: RelayTimers,
+        sleep: Option<Pin<Box<Sleep>>>,
+        deadline: Option<Instant>,
+        last_sent: Instant,
+        last_upstream: Instant,
+        ending: bool,
+        done: bool,
+        guard: StreamGuard,
+    }
+}
+
+impl<B> RelayBody<B> {
+    /// Relays `inner`. With `sse`, the body is framed (events counted, keepalives injected);
+    /// otherwise it is passed through and only the idle and duration limits apply.
+    pub fn new(inner: B, sse: bool, mut timers: RelayTimers, guard: StreamGuard) -> Self {
+        if !sse {
+            timers.keepalive = None;
+        }
+        let now = Instant::now();
+        let deadline = timers.max_duration.map(|d| now + d);
+        let first = [timers.keepalive, timers.idle, timers.max_duration]
+            .into_iter()
+            .flatten()
+            .min();
+        RelayBody {
+            inner,
+            framer: Framer::new(),
+            sse,
+            timers,
+            sleep: first.map(|d| Box::pin(tokio::time::sleep_until(now + d))),
+            deadline,
+            last_sent: now,
+            last_upstream: now,
+            ending: false,
+            done: false,
+            guard,
+        }
+    }
+}
+
+impl<B> Body for RelayBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        let metrics = &this.guard.rule.metrics;
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if *this.sse {
+                        let events = this.framer.feed(data);
+                        if events > 0 {
+                            metrics.events_total.inc_by(u64::from(events));
+                        }
+                    }
+                    metrics.bytes_sent_total.inc_by(data.len() as u64);
+                    if this.sleep.is_some() {
+                        let now = Instant::now();
+                        *this.last_sent = now;
+                        *this.last_upstream = now;
+                    }
+                    if *this.ending && this.framer.at_boundary() {
+                        *this.done = true;
+                    }
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(Some(Err(e))) => {
+                *this.done = true;
+                let e: BoxError = e.into();
+                metrics.upstream_error("reset");
+                tracing::debug!(route = %metrics.route, error = %e, "upstream failed mid-stream");
+                // An SSE client reconnects after a clean end; anything else must see that the
+                // response is truncated.
+                return Poll::Ready(if *this.sse { None } else { Some(Err(e)) });
+            }
+            Poll::Ready(None) => {
+                *this.done = true;
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+
+        let Some(sleep) = this.sleep.as_mut() else {
+            return Poll::Pending;
+        };
+        loop {
+            ready!(sleep.as_mut().poll(cx));
+            let now = Instant::now();
+            let at_boundary = this.framer.at_boundary();
+            if let Some(deadline) = *this.deadline
+                && now >= deadline
+            {
+                if !*this.sse || at_boundary {
+                    *this.done = true;
+                    return Poll::Ready(None);
+                }
+                // Finish the event in flight first; the next boundary ends the stream.
+                *this.ending = true;
+                *this.deadline = None;
+            }
+            if let Some(idle) = this.timers.idle
+                && now >= *this.last_upstream + idle
+            {
+                *this.done = true;
+                metrics.upstream_error("idle_timeout");
+                return Poll::Ready(None);
+            }
+            let mut next = (*this.deadline)
+                .into_iter()
+                .chain(this.timers.idle.map(|d| *this.last_upstream + d))
+                .min();
+            if let Some(ka) = this.timers.keepalive {
+                let due = *this.last_sent + ka;
+                if now >= due && at_boundary && !*this.ending {
+                    *this.last_sent = now;
+                    metrics.keepalives_total.inc();
+                    metrics.bytes_sent_total.inc_by(KEEPALIVE.len() as u64);
+                    let again = now + ka;
+                    sleep.as_mut().reset(next.map_or(again, |n| n.min(again)));
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(KEEPALIVE)))));
+                }
+                // Mid-event: never inject; look again one interval later (the upstream's
+                // next bytes move `last_sent` anyway).
+                let ka_next = if now >= due { now + ka } else { due };
+                next = Some(next.map_or(ka_next, |n| n.min(ka_next)));
+            }
+            match next {
+                Some(at) => sleep.as_mut().reset(at),
+                None => {
+                    *this.sleep = None;
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::routing::tests::{route, service, slice};
+    use crate::routing::{CompileOptions, StateStore, compile};
+    use crate::source::Snapshot;
+    use futures_util::future::poll_fn;
+    use http_body_util::StreamBody;
+    use std::convert::Infallible;
+    use tokio::sync::mpsc;
+    use tokio_stream_shim::ReceiverStream;
+
+    /// Minimal `Stream` over an mpsc receiver (avoids a dependency for tests).
+    mod tokio_stream_shim {
+        use super::*;
+        pub struct ReceiverStream(pub mpsc::Receiver<Result<Frame<Bytes>, Infallible>>);
+        impl futures_util::Stream for ReceiverStream {
+            type Item = Result<Frame<Bytes>, Infallible>;
+            fn poll_next(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Self::Item>> {
+                self.0.poll_recv(cx)
+            }
+        }
+    }
+
+    type Upstream = StreamBody<ReceiverStream>;
+
+    fn rule_and_metrics() -> (Arc<Rule>, Metrics) {
+        let metrics = Metrics::new();
+        let snap = Snapshot {
+            routes: vec![route("apps", "feed").rule("/", "svc", 80).build()],
+            services: vec![service("apps", "svc", &[(None, 80)])],
+            endpoint_slices: vec![slice("apps", "svc", 9000, &[("10.0.0.1", true)])],
+            ..Default::default()
+        };
+        let (table, _) = compile(
+            &snap,
+            &CompileOptions::default(),
+            &StateStore::new(metrics.clone()),
+        );
+        (table.route("h", "/").unwrap().clone(), metrics)
+    }
+
+    type Tx = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
+
+    fn relay(timers: RelayTimers) -> (Tx, Pin<Box<RelayBody<Upstream>>>, Arc<Rule>) {
+        let (rule, _m) = rule_and_metrics();
+        let (tx, rx) = mpsc::channel(16);
+        let guard = StreamGuard::admit(&rule).unwrap();
+        (
+            tx,
+            Box::pin(RelayBody::new(
+                StreamBody::new(ReceiverStream(rx)),
+                true,
+                timers,
+                guard,
+            )),
+            rule,
+        )
+    }
+
+    async fn send(tx: &Tx, s: &'static str) {
+        tx.send(Ok(Frame::data(Bytes::from_static(s.as_bytes()))))
+            .await
+            .unwrap();
+    }
+
+    /// The next frame's data, or None at the end of the body.
+    async fn next(body: &mut Pin<Box<RelayBody<Upstream>>>) -> Option<Bytes> {
+        poll_fn(|cx| body.as_mut().poll_frame(cx))
+            .await
+            .map(|f| f.unwrap().into_data().unwrap())
+    }
+
+    fn ka(secs: u64) -> RelayTimers {
+        RelayTimers {
+            keepalive: Some(Duration::from_secs(secs)),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keepalive_after_idle_interval_at_boundary() {
+        let (tx, mut body, rule) = relay(ka(15));
+        send(&tx, "data: a\n\n").await;
+        assert_eq!(next(&mut body).await.unwrap(), "data: a\n\n");
+        let t0 = Instant::now();
+        assert_eq!(next(&mut body).await.unwrap(), KEEPALIVE);
+        assert_eq!(t0.elapsed(), Duration::from_secs(15));
+        assert_eq!(next(&mut body).await.unwrap(), KEEPALIVE);
+        assert_eq!(t0.elapsed(), Duration::from_secs(30));
+        assert_eq!(rule.metrics.keepalives_total.get(), 2);
+        assert_eq!(rule.metrics.events_total.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keepalive_never_inside_an_event() {
+        let (tx, mut body, rule) = relay(ka(15));
+        send(&tx, "data: first half").await;
+        assert_eq!(next(&mut body).await.unwrap(), "data: first half");
+        // The upstream stalls mid-event for a minute: nothing may be injected.
+        let tx2 = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            send(&tx2, " second half\n\n").await;
+        });
+        let t0 = Instant::now();
+        assert_eq!(next(&mut body).await.unwrap(), " second half\n\n");
+        assert_eq!(t0.elapsed(), Duration::from_secs(60));
+        assert_eq!(rule.metrics.keepalives_total.get(), 0);
+        // Now at a boundary: the keepalive comes one interval after the last bytes.
+        assert_eq!(next(&mut body).await.unwrap(), KEEPALIVE);
+        assert_eq!(t0.elapsed(), Duration::from_secs(75));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lone_cr_is_not_a_boundary_for_keepalive() {
+        let (tx, mut body, rule) = relay(ka(1));
+        send(&tx, "data: x\r\r").await;
+        next(&mut body).await.unwrap();
+        let tx2 = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            send(&tx2, "\n").await;
+        });
+        assert_eq!(next(&mut body).await.unwrap(), "\n");
+        assert_eq!(rule.metrics.keepalives_total.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_reset_the_keepalive_clock() {
+        let (tx, mut body, rule) = relay(ka(10));
+        let tx2 = tx.clone();
+        tokio::spawn(async move {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                send(&tx2, "data: tick\n\n").await;
+            }
+        });
+        for _ in 0..5 {
+            assert_eq!(next(&mut body).await.unwrap(), "data: tick\n\n");
+        }
+        assert_eq!(rule.metrics.keepalives_total.get(), 0);
+        assert_eq!(rule.metrics.events_total.get(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_ends_the_stream_and_is_counted() {
+        let timers = RelayTimers {
+            idle: Some(Duration::from_secs(30)),
+            keepalive: Some(Duration::from_secs(10)),
+            ..Default::default()
+        };
+        let (tx, mut body, rule) = relay(timers);
+        send(&tx, "data: a\n\n").await;
+        next(&mut body).await.unwrap();
+        let t0 = Instant::now();
+        // Keepalives do not count as upstream activity.
+        assert_eq!(next(&mut body).await.unwrap(), KEEPALIVE);
+        assert_eq!(next(&mut body).await.unwrap(), KEEPALIVE);
+        assert_eq!(next(&mut body).await, None);
+        assert_eq!(t0.elapsed(), Duration::from_secs(30));
+        assert!(body.is_end_stream());
+        let _ = rule;
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_duration_waits_for_the_event_boundary() {
+        let timers = RelayTimers {
+            max_duration: Some(Duration::from_secs(5)),
+            ..Default::default()
+        };
+        let (tx, mut body, _rule) = relay(timers);
+        send(&tx, "data: part").await;
+        next(&mut body).await.unwrap();
+        let tx2 = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            send(&tx2, "ial\n\n").await;
+            send(&tx2, "data: never\n\n").await;
+        });
+        assert_eq!(next(&mut body).await.unwrap(), "ial\n\n");
+        assert_eq!(next(&mut body).await, None);
+    }
+
+    #[tokio::test]
+    async fn guard_tracks_active_streams_and_enforces_the_limit() {
+        let (rule, metrics) = rule_and_metrics();
+        let mut limited = Arc::try_unwrap(rule).unwrap_or_else(|r| panic!("shared rule {r:?}"));
+        limited.max_connections = 2;
+        let rule = Arc::new(limited);
+        let a = StreamGuard::admit(&rule).unwrap();
+        let b = StreamGuard::admit(&rule).unwrap();
+        assert!(StreamGuard::admit(&rule).is_none());
+        assert_eq!(rule.metrics.connections_active.get(), 2);
+        drop(a);
+        assert!(StreamGuard::admit(&rule).is_some());
+        drop(b);
+        assert_eq!(rule.active.load(Ordering::Relaxed), 0);
+        assert!(
+            metrics
+                .render()
+                .contains(r#"ssegate_connections_total{route="apps/feed"} 3"#)
+        );
+    }
+}

@@ -1,0 +1,1050 @@
+//! The routing table and the pure `compile` step that builds it.
+//!
+//! `compile(&Snapshot)` turns SseRoutes, Services and EndpointSlices into an immutable
+//! [`RouteTable`] plus one [`RouteReport`] per route. It does no I/O and reads no clock: all
+//! precedence, validation and endpoint resolution is decided here and unit-tested with plain
+//! values. The only state it touches is the [`StateStore`], an interner that hands back the
+//! same per-route metric handles and per-rule connection counters across compiles, so
+//! `maxConnections` and `ssegate_connections_active` stay exact while tables are swapped.
+//!
+//! Matching follows the Gateway API: the most specific host wins (exact, then the longest
+//! wildcard suffix, then routes without hostnames); within a host an `Exact` path beats any
+//! `Prefix`, and the longest `Prefix` (matched segment-wise) wins. When two routes claim the
+//! same host and path, the older one (creation time, then `namespace/name`) keeps it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
+
+use crate::api::{Mode, PathType, PortRef, RouteRule, SseRoute};
+use crate::balance::Backend;
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::source::Snapshot;
+use crate::status::{ACCEPTED, CondState, READY, RESOLVED_REFS, RouteReport};
+
+/// The label EndpointSlices carry to name their Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The class served when `--class` is not given.
+pub const DEFAULT_CLASS: &str = "ssegate";
+
+/// Settings of the compile step.
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    /// Routes whose `spec.className` names another class are ignored; routes without one
+    /// are served.
+    pub class: String,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            class: DEFAULT_CLASS.to_string(),
+        }
+    }
+}
+
+/// Upstream timeouts of a rule; `None` means disabled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleTimeouts {
+    /// TCP connect, per endpoint attempt.
+    pub connect: Option<Duration>,
+    /// Request sent → response headers.
+    pub first_byte: Option<Duration>,
+    /// Longest upstream silence.
+    pub idle: Option<Duration>,
+    /// Longest stream lifetime.
+    pub max_duration: Option<Duration>,
+}
+
+/// One compiled rule: everything a request needs, reachable from a single `Arc`.
+#[derive(Debug)]
+pub struct Rule {
+    /// Metric handles of the owning route; `metrics.route` is `namespace/name`.
+    pub metrics: RouteMetrics,
+    /// Index of the rule in the route's spec.
+    pub index: usize,
+    /// The matched path (normalised: no trailing `/` on a prefix other than `/`).
+    pub path: Box<str>,
+    /// How `path` matched.
+    pub path_type: PathType,
+    /// Replacement for the matched part of the path.
+    pub rewrite: Option<Box<str>>,
+    /// Stream or poll.
+    pub mode: Mode,
+    /// Keepalive interval; `None` disables keepalives.
+    pub keepalive: Option<Duration>,
+    /// Upstream timeouts.
+    pub timeouts: RuleTimeouts,
+    /// 0 = unlimited.
+    pub max_connections: u32,
+    /// Streams open through this rule, shared across table versions.
+    pub active: Arc<AtomicUsize>,
+    /// Ready endpoints of the backend Service port.
+    pub backend: Arc<Backend>,
+}
+
+impl Rule {
+    /// `namespace/name` of the route this rule belongs to.
+    pub fn route(&self) -> &str {
+        &self.metrics.route
+    }
+
+    /// The upstream path for a request `path` this rule matched.
+    pub fn upstream_path(&self, path: &str) -> String {
+        let Some(rewrite) = &self.rewrite else {
+            return path.to_string();
+        };
+        let rest = match self.path_type {
+            PathType::Exact => "",
+            PathType::Prefix if &*self.path == "/" => path,
+            PathType::Prefix => &path[self.path.len().min(path.len())..],
+        };
+        let mut out = String::with_capacity(rewrite.len() + rest.len());
+        out.push_str(if rest.starts_with('/') {
+            rewrite.trim_end_matches('/')
+        } else {
+            rewrite
+        });
+        out.push_str(rest);
+        if out.is_empty() {
+            out.push('/');
+        }
+        out
+    }
+}
+
+/// Rules of one host (or of the any-host group), indexed for matching.
+#[derive(Debug, Default)]
+struct PathRules {
+    exact: HashMap<Box<str>, Arc<Rule>>,
+    /// Sorted longest first.
+    prefixes: Vec<(Box<str>, Arc<Rule>)>,
+}
+
+impl PathRules {
+    fn find(&self, path: &str) -> Option<&Arc<Rule>> {
+        if let Some(rule) = self.exact.get(path) {
+            return Some(rule);
+        }
+        self.prefixes
+            .iter()
+            .find(|(p, _)| prefix_matches(p, path))
+            .map(|(_, r)| r)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.prefixes.is_empty()
+    }
+}
+
+/// Segment-wise prefix match: `/a` matches `/a`, `/a/` and `/a/b`, not `/ab`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    prefix == "/"
+        || (path.starts_with(prefix)
+            && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'))
+}
+
+/// The immutable routing table the proxy loads once per request.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    exact_hosts: HashMap<Box<str>, PathRules>,
+    /// `(".example.com", rules)` for `*.example.com`, longest suffix first.
+    wildcard_hosts: Vec<(Box<str>, PathRules)>,
+    any_host: PathRules,
+    routes: usize,
+}
+
+impl RouteTable {
+    /// A table that matches nothing.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// Number of routes with at least one served rule.
+    pub fn route_count(&self) -> usize {
+        self.routes
+    }
+
+    /// Finds the rule for a request. `host` must be lower-case without a port.
+    pub fn route(&self, host: &str, path: &str) -> Option<&Arc<Rule>> {
+        if let Some(rule) = self.exact_hosts.get(host).and_then(|r| r.find(path)) {
+            return Some(rule);
+        }
+        for (suffix, rules) in &self.wildcard_hosts {
+            if host.len() > suffix.len()
+                && host.ends_with(&**suffix)
+                && let Some(rule) = rules.find(path)
+            {
+                return Some(rule);
+            }
+        }
+        self.any_host.find(path)
+    }
+}
+
+/// Identity of a rule across compiles: route, path type and path.
+type RuleId = (String, PathType, String);
+
+/// Per-route metric handles and per-rule counters that outlive any one table.
+pub struct StateStore {
+    metrics: Metrics,
+    routes: Mutex<HashMap<String, RouteMetrics>>,
+    rules: Mutex<HashMap<RuleId, Arc<AtomicUsize>>>,
+}
+
+impl StateStore {
+    /// A store that creates route handles in `metrics`.
+    pub fn new(metrics: Metrics) -> Self {
+        StateStore {
+            metrics,
+            routes: Mutex::default(),
+            rules: Mutex::default(),
+        }
+    }
+
+    fn route_metrics(&self, route: &str) -> RouteMetrics {
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes
+            .entry(route.to_string())
+            .or_insert_with(|| self.metrics.route(route))
+            .clone()
+    }
+
+    fn rule_counter(&self, id: RuleId) -> Arc<AtomicUsize> {
+        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        rules.entry(id).or_default().clone()
+    }
+
+    /// Forgets routes and rules that are not in `live` and have no open stream, and drops
+    /// their metric series.
+    fn prune(&self, live_routes: &[String], live_rules: &[RuleId]) {
+        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        rules.retain(|id, c| live_rules.contains(id) || c.load(Ordering::Relaxed) > 0);
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.retain(|name, m| {
+            let keep = live_routes.contains(name) || m.connections_active.get() > 0;
+            if !keep {
+                self.metrics.forget_route(name);
+            }
+            keep
+        });
+    }
+}
+
+/// Builds the routing table and route reports from a snapshot. Pure apart from interning
+/// shared counters in `state`.
+pub fn compile(
+    snapshot: &Snapshot,
+    opts: &CompileOptions,
+    state: &StateStore,
+) -> (RouteTable, Vec<RouteReport>) {
+    let index = Index::new(snapshot);
+    let mut routes: Vec<&SseRoute> = snapshot
+        .routes
+        .iter()
+        .filter(|r| match &r.spec.class_name {
+            None => true,
+            Some(c) => c == &opts.class,
+        })
+        .collect();
+    // Older routes win conflicts; the name breaks ties deterministically.
+    routes.sort_by(|a, b| {
+        let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        ta.cmp(&tb).then_with(|| route_key(a).cmp(&route_key(b)))
+    });
+
+    let mut builder = TableBuilder::default();
+    let mut reports = Vec::with_capacity(routes.len());
+    let mut live_routes = Vec::new();
+    let mut live_rules = Vec::new();
+
+    for route in routes {
+        let key = route_key(route);
+        let ns = route.namespace().unwrap_or_else(|| "default".into());
+        let mut conds = Vec::with_capacity(3);
+
+        let invalid = validate(route);
+        let resolved: Vec<Result<Vec<SocketAddr>, (String, String)>> = route
+            .spec
+            .rules
+            .iter()
+            .map(|r| index.resolve(&ns, r))
+            .collect();
+        let ready_endpoints: usize = resolved
+            .iter()
+            .map(|r| r.as_ref().map_or(0, Vec::len))
+            .sum();
+
+        let mut served_rules = 0;
+        let mut conflicts = Vec::new();
+        if invalid.is_none() {
+            let metrics = state.route_metrics(&key);
+            for (i, (rule, endpoints)) in route.spec.rules.iter().zip(&resolved).enumerate() {
+                let path = normalize_path(&rule.path_match.path, rule.path_match.path_type);
+                let id: RuleId = (key.clone(), rule.path_match.path_type, path.clone());
+                let endpoints = endpoints.clone().unwrap_or_default();
+                let backend = Backend::new(
+                    format!("{ns}/{}:{}", rule.backend.service, rule.backend.port),
+                    endpoints,
+                );
+                let compiled = Arc::new(Rule {
+                    metrics: metrics.clone(),
+                    index: i,
+                    path: path.clone().into(),
+                    path_type: rule.path_match.path_type,
+                    rewrite: rule.backend.rewrite_path.clone().map(Into::into),
+                    mode: rule.mode,
+                    keepalive: rule.keepalive.interval.non_zero(),
+                    timeouts: RuleTimeouts {
+                        connect: rule.timeouts.connect.non_zero(),
+                        first_byte: rule.timeouts.first_byte.non_zero(),
+                        idle: rule.timeouts.idle.non_zero(),
+                        max_duration: rule.timeouts.max_duration.non_zero(),
+                    },
+                    max_connections: rule.max_connections,
+                    active: state.rule_counter(id.clone()),
+                    backend: Arc::new(backend),
+                });
+                match builder.insert(&route.spec.hostnames, &key, compiled) {
+                    Ok(()) => {
+                        served_rules += 1;
+                        live_rules.push(id);
+                    }
+                    Err(owner) => conflicts.push(format!(
+                        "rule {i} ({} {path}) is already served by route {owner}",
+                        path_type_name(rule.path_match.path_type)
+                    )),
+                }
+            }
+        }
+
+        conds.push(match (&invalid, served_rules, conflicts.is_empty()) {
+            (Some((reason, msg)), _, _) => CondState::fail(ACCEPTED, reason, msg.clone()),
+            (None, 0, false) => CondState::fail(ACCEPTED, "Conflicted", conflicts.join("; ")),
+            (None, _, true) => CondState::ok(ACCEPTED, "Accepted", "route is valid and served"),
+            (None, _, false) => CondState::ok(
+                ACCEPTED,
+                "PartiallyConflicted",
+                format!("served except: {}", conflicts.join("; ")),
+            ),
+        });
+
+        let failures: Vec<&(String, String)> =
+            resolved.iter().filter_map(|r| r.as_ref().err()).collect();
+        conds.push(match failures.first() {
+            None => CondState::ok(RESOLVED_REFS, "ResolvedRefs", "all backends resolved"),
+            Some((reason, _)) => CondState::fail(
+                RESOLVED_REFS,
+                reason,
+                failures
+                    .iter()
+                    .map(|(_, m)| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+        });
+
+        let empty_rules: Vec<String> = route
+            .spec
+            .rules
+            .iter()
+            .zip(&resolved)
+            .enumerate()
+            .filter(|(_, (_, r))| r.as_ref().map_or(true, Vec::is_empty))
+            .map(|(i, (rule, _))| format!("rule {i} ({})", rule.path_match.path))
+            .collect();
+        conds.push(if invalid.is_some() || served_rules == 0 {
+            CondState::fail(READY, "NotAccepted", "the route is not served")
+        } else if empty_rules.is_empty() {
+            CondState::ok(READY, "Ready", format!("{ready_endpoints} ready endpoints"))
+        } else {
+            CondState::fail(
+                READY,
+                "NoReadyEndpoints",
+                format!("no ready endpoints for {}", empty_rules.join(", ")),
+            )
+        });
+
+        if served_rules > 0 {
+            live_routes.push(key.clone());
+        }
+        reports.push(RouteReport {
+            namespace: ns,
+            name: route.name_any(),
+            generation: route.metadata.generation,
+            conditions: conds,
+            ready_endpoints: u32::try_from(ready_endpoints).unwrap_or(u32::MAX),
+        });
+    }
+
+    state.prune(&live_routes, &live_rules);
+    let mut table = builder.finish();
+    table.routes = live_routes.len();
+    (table, reports)
+}
+
+/// `namespace/name` of a route (namespace `default` when unset).
+pub fn route_key(route: &SseRoute) -> String {
+    format!(
+        "{}/{}",
+        route.metadata.namespace.as_deref().unwrap_or("default"),
+        route.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+fn path_type_name(t: PathType) -> &'static str {
+    match t {
+        PathType::Prefix => "Prefix",
+        PathType::Exact => "Exact",
+    }
+}
+
+/// Prefixes lose a trailing `/` (`/a/` matches like `/a`); `/` itself stays.
+fn normalize_path(path: &str, t: PathType) -> String {
+    match t {
+        PathType::Prefix if path.len() > 1 => path.trim_end_matches('/').to_string(),
+        _ => path.to_string(),
+    }
+}
+
+/// Checks one route on its own; returns the `Accepted=False` reason and message.
+fn validate(route: &SseRoute) -> Option<(&'static str, String)> {
+    let spec = &route.spec;
+    for h in &spec.hostnames {
+        if let Err(msg) = validate_hostname(h) {
+            return Some(("InvalidHostname", msg));
+        }
+    }
+    if spec.rules.is_empty() {
+        return Some(("InvalidRule", "spec.rules must not be empty".into()));
+    }
+    let mut seen = Vec::new();
+    for (i, rule) in spec.rules.iter().enumerate() {
+        if let Err(msg) = validate_rule(rule) {
+            return Some(("InvalidRule", format!("rule {i}: {msg}")));
+        }
+        let id = (
+            rule.path_match.path_type,
+            normalize_path(&rule.path_match.path, rule.path_match.path_type),
+        );
+        if seen.contains(&id) {
+            return Some((
+                "InvalidRule",
+                format!("rule {i}: path {} is matched by an earlier rule", id.1),
+            ));
+        }
+        seen.push(id);
+    }
+    None
+}
+
+fn validate_rule(rule: &RouteRule) -> Result<(), String> {
+    let path = &rule.path_match.path;
+    if !path.starts_with('/') {
+        return Err(format!("match.path {path:?} must start with '/'"));
+    }
+    if path.contains(|c: char| c.is_whitespace() || c == '?' || c == '#') {
+        return Err(format!(
+            "match.path {path:?} must not contain whitespace, '?' or '#'"
+        ));
+    }
+    if let Some(rw) = &rule.backend.rewrite_path
+        && !rw.starts_with('/')
+    {
+        return Err(format!("backend.rewritePath {rw:?} must start with '/'"));
+    }
+    if rule.backend.service.is_empty() {
+        return Err("backend.service must not be empty".into());
+    }
+    if let PortRef::Number(n) = rule.backend.port
+        && !(1..=65535).contains(&n)
+    {
+        return Err(format!("backend.port {n} is not in 1-65535"));
+    }
+    if rule.mode == Mode::Poll {
+        return Err("mode Poll is not supported by this ssegate version".into());
+    }
+    Ok(())
+}
+
+fn validate_hostname(h: &str) -> Result<(), String> {
+    let name = h.strip_prefix("*.").unwrap_or(h);
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "hostname {h:?} must be a lower-case DNS name, optionally prefixed by '*.' (no port)"
+        ))
+    }
+}
+
+/// Services and EndpointSlices indexed for resolution.
+struct Index<'a> {
+    services: HashMap<(&'a str, &'a str), &'a Service>,
+    slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(snapshot: &'a Snapshot) -> Self {
+        let mut services = HashMap::new();
+        for svc in &snapshot.services {
+            let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+            if let Some(name) = svc.metadata.name.as_deref() {
+                services.insert((ns, name), svc);
+            }
+        }
+        let mut slices: HashMap<_, Vec<_>> = HashMap::new();
+        for slice in &snapshot.endpoint_slices {
+            let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
+            let svc = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL));
+            if let Some(svc) = svc {
+                slices.entry((ns, svc.as_str())).or_default().push(slice);
+            }
+        }
+        Index { services, slices }
+    }
+
+    /// Ready endpoint addresses of a rule's backend, or `(reason, message)` when the
+    /// Service or port does not exist.
+    fn resolve(&self, ns: &str, rule: &RouteRule) -> Result<Vec<SocketAddr>, (String, String)> {
+        let name = rule.backend.service.as_str();
+        let svc = self.services.get(&(ns, name)).ok_or_else(|| {
+            (
+                "BackendNotFound".to_string(),
+                format!("Service {ns}/{name} not found"),
+            )
+        })?;
+        let spec = svc.spec.as_ref();
+        if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
+            return Err((
+                "UnsupportedBackend".into(),
+                format!("Service {ns}/{name} is of type ExternalName"),
+            ));
+        }
+        let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
+        let port = ports
+            .iter()
+            .find(|p| match &rule.backend.port {
+                PortRef::Number(n) => p.port == *n,
+                PortRef::Name(n) => p.name.as_deref() == Some(n.as_str()),
+            })
+            .ok_or_else(|| {
+                (
+                    "PortNotFound".to_string(),
+                    format!("Service {ns}/{name} has no port {}", rule.backend.port),
+                )
+            })?;
+        let port_name = port.name.as_deref().unwrap_or("");
+        let mut out = Vec::new();
+        for slice in self.slices.get(&(ns, name)).into_iter().flatten() {
+            if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+                continue;
+            }
+            let target = slice.ports.as_deref().unwrap_or_default().iter().find(|p| {
+                p.name.as_deref().unwrap_or("") == port_name
+                    && p.protocol.as_deref().unwrap_or("TCP") == "TCP"
+            });
+            let Some(target) = target
+                .and_then(|p| p.port)
+                .and_then(|p| u16::try_from(p).ok())
+            else {
+                continue;
+            };
+            for ep in slice.endpoints.iter().flatten() {
+                let cond = ep.conditions.as_ref();
+                // Kubernetes: a missing `ready` means ready; terminating endpoints take no
+                // new streams.
+                let ready = cond.and_then(|c| c.ready).unwrap_or(true)
+                    && !cond.and_then(|c| c.terminating).unwrap_or(false);
+                if !ready {
+                    continue;
+                }
+                for addr in &ep.addresses {
+                    if let Ok(ip) = addr.parse::<IpAddr>() {
+                        out.push(SocketAddr::new(ip, target));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+}
+
+/// Rules of one host while the table is built, keyed by path type and path.
+type HostRules = BTreeMap<(PathType, Box<str>), Arc<Rule>>;
+
+/// Accumulates rules per host; first insert of a (host, type, path) wins.
+#[derive(Default)]
+struct TableBuilder {
+    hosts: BTreeMap<String, HostRules>,
+}
+
+impl TableBuilder {
+    /// Inserts `rule` for every hostname (or the any-host group, keyed ""), all or nothing;
+    /// on conflict returns the route that owns the slot.
+    fn insert(&mut self, hostnames: &[String], route: &str, rule: Arc<Rule>) -> Result<(), String> {
+        let any = [String::new()];
+        let hosts = if hostnames.is_empty() {
+            &any[..]
+        } else {
+            hostnames
+        };
+        let key = (rule.path_type, rule.path.clone());
+        for h in hosts {
+            if let Some(owner) = self.hosts.get(h).and_then(|m| m.get(&key))
+                && owner.route() != route
+            {
+                return Err(owner.route().to_string());
+            }
+        }
+        for h in hosts {
+            self.hosts
+                .entry(h.clone())
+                .or_default()
+                .insert(key.clone(), rule.clone());
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> RouteTable {
+        let mut table = RouteTable::default();
+        for (host, rules) in self.hosts {
+            let mut pr = PathRules::default();
+            for ((t, path), rule) in rules {
+                match t {
+                    PathType::Exact => {
+                        pr.exact.insert(path, rule);
+                    }
+                    PathType::Prefix => pr.prefixes.push((path, rule)),
+                }
+            }
+            pr.prefixes
+                .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+            if pr.is_empty() {
+                continue;
+            }
+            if host.is_empty() {
+                table.any_host = pr;
+            } else if let Some(suffix) = host.strip_prefix('*') {
+                table.wildcard_hosts.push((suffix.into(), pr));
+            } else {
+                table.exact_hosts.insert(host.into(), pr);
+            }
+        }
+        table
+            .wildcard_hosts
+            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+        table
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::api::{BackendRef, Keepalive, PathMatch, SseRouteSpec, Timeouts};
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    /// Fixture builder: `route("apps", "feed").host("a.example").rule("/p", "svc", 8080)`.
+    pub(crate) struct RouteFx(SseRoute);
+
+    pub(crate) fn route(ns: &str, name: &str) -> RouteFx {
+        let mut r = SseRoute::new(
+            name,
+            SseRouteSpec {
+                hostnames: vec![],
+                class_name: None,
+                rules: vec![],
+            },
+        );
+        r.metadata.namespace = Some(ns.into());
+        RouteFx(r)
+    }
+
+    impl RouteFx {
+        pub(crate) fn host(mut self, h: &str) -> Self {
+            self.0.spec.hostnames.push(h.into());
+            self
+        }
+        pub(crate) fn rule(self, path: &str, svc: &str, port: i32) -> Self {
+            self.rule_typed(path, PathType::Prefix, svc, port)
+        }
+        pub(crate) fn exact(self, path: &str, svc: &str, port: i32) -> Self {
+            self.rule_typed(path, PathType::Exact, svc, port)
+        }
+        pub(crate) fn rule_typed(mut self, path: &str, t: PathType, svc: &str, port: i32) -> Self {
+            self.0.spec.rules.push(RouteRule {
+                path_match: PathMatch {
+                    path: path.into(),
+                    path_type: t,
+                },
+                backend: BackendRef {
+                    service: svc.into(),
+                    port: PortRef::Number(port),
+                    rewrite_path: None,
+                },
+                mode: Mode::Stream,
+                keepalive: Keepalive::default(),
+                timeouts: Timeouts::default(),
+                max_connections: 0,
+            });
+            self
+        }
+        pub(crate) fn rewrite(mut self, to: &str) -> Self {
+            self.0.spec.rules.last_mut().unwrap().backend.rewrite_path = Some(to.into());
+            self
+        }
+        pub(crate) fn class(mut self, c: &str) -> Self {
+            self.0.spec.class_name = Some(c.into());
+            self
+        }
+        pub(crate) fn build(self) -> SseRoute {
+            self.0
+        }
+    }
+
+    pub(crate) fn service(ns: &str, name: &str, ports: &[(Option<&str>, i32)]) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|(n, p)| ServicePort {
+                            name: n.map(Into::into),
+                            port: *p,
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// An EndpointSlice for `svc` with unnamed port `port` and `(ip, ready)` endpoints.
+    pub(crate) fn slice(ns: &str, svc: &str, port: i32, eps: &[(&str, bool)]) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(format!("{svc}-abc")),
+                labels: Some([(SERVICE_NAME_LABEL.to_string(), svc.to_string())].into()),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            ports: Some(vec![EndpointPort {
+                port: Some(port),
+                ..Default::default()
+            }]),
+            endpoints: Some(
+                eps.iter()
+                    .map(|(ip, ready)| Endpoint {
+                        addresses: vec![ip.to_string()],
+                        conditions: Some(EndpointConditions {
+                            ready: Some(*ready),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn compile_all(snapshot: &Snapshot) -> (RouteTable, Vec<RouteReport>) {
+        compile(
+            snapshot,
+            &CompileOptions::default(),
+            &StateStore::new(Metrics::new()),
+        )
+    }
+
+    fn snap(routes: Vec<SseRoute>) -> Snapshot {
+        Snapshot {
+            routes,
+            services: vec![
+                service("apps", "svc", &[(None, 80)]),
+                service("apps", "other", &[(Some("http"), 80)]),
+            ],
+            endpoint_slices: vec![slice(
+                "apps",
+                "svc",
+                9000,
+                &[("10.0.0.1", true), ("10.0.0.2", false)],
+            )],
+            ..Default::default()
+        }
+    }
+
+    fn routed<'a>(t: &'a RouteTable, host: &str, path: &str) -> Option<(&'a str, &'a str)> {
+        t.route(host, path).map(|r| (r.route(), &*r.path))
+    }
+
+    #[test]
+    fn exact_host_beats_wildcard_beats_any() {
+        let (t, _) = compile_all(&snap(vec![
+            route("apps", "any").rule("/", "svc", 80).build(),
+            route("apps", "wild")
+                .host("*.example.com")
+                .rule("/", "svc", 80)
+                .build(),
+            route("apps", "deep")
+                .host("*.a.example.com")
+                .rule("/", "svc", 80)
+                .build(),
+            route("apps", "exact")
+                .host("x.example.com")
+                .rule("/", "svc", 80)
+                .build(),
+        ]));
+        assert_eq!(routed(&t, "x.example.com", "/e").unwrap().0, "apps/exact");
+        assert_eq!(routed(&t, "y.example.com", "/e").unwrap().0, "apps/wild");
+        assert_eq!(routed(&t, "b.a.example.com", "/e").unwrap().0, "apps/deep");
+        assert_eq!(routed(&t, "example.com", "/e").unwrap().0, "apps/any");
+        assert_eq!(routed(&t, "other.org", "/e").unwrap().0, "apps/any");
+    }
+
+    #[test]
+    fn host_without_matching_path_falls_back_to_less_specific_host() {
+        let (t, _) = compile_all(&snap(vec![
+            route("apps", "any").rule("/feed", "svc", 80).build(),
+            route("apps", "exact")
+                .host("x.example.com")
+                .rule("/other", "svc", 80)
+                .build(),
+        ]));
+        assert_eq!(routed(&t, "x.example.com", "/feed").unwrap().0, "apps/any");
+        assert!(routed(&t, "x.example.com", "/nothing").is_none());
+    }
+
+    #[test]
+    fn exact_beats_longest_prefix_segment_wise() {
+        let (t, _) = compile_all(&snap(vec![
+            route("apps", "r")
+                .rule("/a", "svc", 80)
+                .rule("/a/b/", "svc", 80)
+                .exact("/a/b/c", "svc", 80)
+                .build(),
+        ]));
+        assert_eq!(routed(&t, "h", "/a/b/c").unwrap().1, "/a/b/c");
+        assert_eq!(routed(&t, "h", "/a/b/c/d").unwrap().1, "/a/b");
+        assert_eq!(routed(&t, "h", "/a/b").unwrap().1, "/a/b");
+        assert_eq!(routed(&t, "h", "/a/bc").unwrap().1, "/a");
+        assert_eq!(routed(&t, "h", "/a").unwrap().1, "/a");
+        assert!(routed(&t, "h", "/ab").is_none());
+        assert!(routed(&t, "h", "/").is_none());
+    }
+
+    #[test]
+    fn rewrite_replaces_matched_prefix() {
+        let (t, _) = compile_all(&snap(vec![
+            route("apps", "r")
+                .rule("/n", "svc", 80)
+                .rewrite("/events")
+                .build(),
+            route("apps", "root")
+                .host("h")
+                .rule("/", "svc", 80)
+                .rewrite("/api/")
+                .build(),
+            route("apps", "strip")
+                .host("s")
+                .rule("/x", "svc", 80)
+                .rewrite("/")
+                .build(),
+        ]));
+        let up = |host: &str, p: &str| t.route(host, p).unwrap().upstream_path(p);
+        assert_eq!(up("any", "/n"), "/events");
+        assert_eq!(up("any", "/n/1"), "/events/1");
+        assert_eq!(up("h", "/q/1"), "/api/q/1");
+        assert_eq!(up("s", "/x/y"), "/y");
+        assert_eq!(up("s", "/x"), "/");
+    }
+
+    #[test]
+    fn endpoints_resolve_through_service_port_to_ready_slice_addresses() {
+        let (t, reports) =
+            compile_all(&snap(vec![route("apps", "r").rule("/", "svc", 80).build()]));
+        let rule = t.route("h", "/").unwrap();
+        assert_eq!(
+            rule.backend.endpoints(),
+            &["10.0.0.1:9000".parse().unwrap()]
+        );
+        assert!(reports[0].all_ok(), "{}", reports[0].summary());
+        assert_eq!(reports[0].ready_endpoints, 1);
+    }
+
+    #[test]
+    fn terminating_endpoints_are_not_ready() {
+        let mut s = snap(vec![route("apps", "r").rule("/", "svc", 80).build()]);
+        s.endpoint_slices[0].endpoints.as_mut().unwrap()[0]
+            .conditions
+            .as_mut()
+            .unwrap()
+            .terminating = Some(true);
+        let (t, reports) = compile_all(&s);
+        assert!(t.route("h", "/").unwrap().backend.is_empty());
+        assert_eq!(
+            reports[0].condition(READY).unwrap().reason,
+            "NoReadyEndpoints"
+        );
+    }
+
+    #[test]
+    fn missing_service_and_port_are_reported_but_route_still_matches() {
+        let (t, reports) = compile_all(&snap(vec![
+            route("apps", "nosvc").rule("/a", "missing", 80).build(),
+            route("apps", "noport").rule("/b", "svc", 81).build(),
+            route("apps", "named").rule("/c", "other", 0).build(),
+        ]));
+        let by = |n: &str| reports.iter().find(|r| r.name == n).unwrap();
+        let rr = by("nosvc").condition(RESOLVED_REFS).unwrap();
+        assert_eq!((rr.status, rr.reason.as_str()), (false, "BackendNotFound"));
+        assert!(rr.message.contains("apps/missing"));
+        assert_eq!(
+            by("noport").condition(RESOLVED_REFS).unwrap().reason,
+            "PortNotFound"
+        );
+        assert!(by("nosvc").condition(ACCEPTED).unwrap().status);
+        assert!(t.route("h", "/a").unwrap().backend.is_empty());
+        assert!(t.route("h", "/b").is_some());
+    }
+
+    #[test]
+    fn named_service_port_matches_named_slice_port() {
+        let mut s = snap(vec![{
+            let mut r = route("apps", "r").rule("/", "other", 0).build();
+            r.spec.rules[0].backend.port = PortRef::Name("http".into());
+            r
+        }]);
+        let mut sl = slice("apps", "other", 7000, &[("10.0.0.9", true)]);
+        sl.ports.as_mut().unwrap()[0].name = Some("http".into());
+        s.endpoint_slices.push(sl);
+        let (t, _) = compile_all(&s);
+        assert_eq!(
+            t.route("h", "/").unwrap().backend.endpoints(),
+            &["10.0.0.9:7000".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn invalid_route_is_rejected_without_affecting_others() {
+        let (t, reports) = compile_all(&snap(vec![
+            route("apps", "bad").rule("nopath", "svc", 80).build(),
+            route("apps", "badhost")
+                .host("Upper.Example")
+                .rule("/x", "svc", 80)
+                .build(),
+            route("apps", "good").rule("/g", "svc", 80).build(),
+        ]));
+        let by = |n: &str| reports.iter().find(|r| r.name == n).unwrap();
+        let acc = by("bad").condition(ACCEPTED).unwrap();
+        assert_eq!((acc.status, acc.reason.as_str()), (false, "InvalidRule"));
+        assert!(acc.message.contains("must start with '/'"));
+        assert_eq!(
+            by("badhost").condition(ACCEPTED).unwrap().reason,
+            "InvalidHostname"
+        );
+        assert!(t.route("h", "/g").is_some());
+        assert!(t.route("h", "/x").is_none());
+        assert_eq!(t.route_count(), 1);
+    }
+
+    #[test]
+    fn older_route_wins_a_conflict() {
+        let (t, reports) = compile_all(&snap(vec![
+            route("apps", "b")
+                .rule("/c", "svc", 80)
+                .rule("/only-b", "svc", 80)
+                .build(),
+            route("apps", "a").rule("/c", "svc", 80).build(),
+        ]));
+        assert_eq!(t.route("h", "/c").unwrap().route(), "apps/a");
+        let b = reports.iter().find(|r| r.name == "b").unwrap();
+        let acc = b.condition(ACCEPTED).unwrap();
+        assert_eq!(acc.reason, "PartiallyConflicted");
+        assert!(acc.message.contains("apps/a"));
+        assert!(t.route("h", "/only-b").is_some());
+    }
+
+    #[test]
+    fn other_classes_are_ignored() {
+        let (t, reports) = compile_all(&snap(vec![
+            route("apps", "mine")
+                .class("ssegate")
+                .rule("/m", "svc", 80)
+                .build(),
+            route("apps", "theirs")
+                .class("other")
+                .rule("/t", "svc", 80)
+                .build(),
+        ]));
+        assert!(t.route("h", "/m").is_some());
+        assert!(t.route("h", "/t").is_none());
+        assert_eq!(reports.len(), 1);
+    }
+
+    #[test]
+    fn counters_survive_recompile_and_are_pruned_when_unused() {
+        let state = StateStore::new(Metrics::new());
+        let s = snap(vec![route("apps", "r").rule("/", "svc", 80).build()]);
+        let (t1, _) = compile(&s, &CompileOptions::default(), &state);
+        t1.route("h", "/")
+            .unwrap()
+            .active
+            .fetch_add(1, Ordering::Relaxed);
+        let (t2, _) = compile(&s, &CompileOptions::default(), &state);
+        assert_eq!(
+            t2.route("h", "/").unwrap().active.load(Ordering::Relaxed),
+            1
+        );
+        // Route removed while a stream is open: the counter is kept for that stream.
+        compile(&snap(vec![]), &CompileOptions::default(), &state);
+        assert_eq!(state.rules.lock().unwrap().len(), 1);
+        t1.route("h", "/")
+            .unwrap()
+            .active
+            .fetch_sub(1, Ordering::Relaxed);
+        compile(&snap(vec![]), &CompileOptions::default(), &state);
+        assert!(state.rules.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn hostname_validation() {
+        assert!(validate_hostname("events.example.com").is_ok());
+        assert!(validate_hostname("*.example.com").is_ok());
+        for bad in ["", "*", "a..b", "-a.b", "a.b:8080", "A.b", "*.*.b", "a_b.c"] {
+            assert!(validate_hostname(bad).is_err(), "{bad}");
+        }
+    }
+}
