@@ -39,7 +39,7 @@ jq_py() { "$PY" -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 # --- start the emulator ----------------------------------------------------------------------
 [[ -x "$PY" ]] || fail "no python venv at $PY (see the header of this script)"
 "$PY" "$HERE/server.py" --port 0 --kubeconfig-out "$WORK/kubeconfig" --ready-file "$WORK/ready" \
-      --watch-history 20 >"$WORK/server.log" 2>&1 &
+      --watch-history 20 --bookmark-interval 0.5 >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 1 100); do [[ -s "$WORK/ready" ]] && break; sleep 0.1; done
 [[ -s "$WORK/ready" ]] || fail "the emulator did not become ready"
@@ -158,6 +158,13 @@ expect_contains "$(cat "$WORK/headers")" "Content-Type: application/json" "watch
 EVENTS="$(curl -sf "$R?watch=true&timeoutSeconds=1&labelSelector=tier%3Dgold")"
 expect_eq "$(wc -l <<<"$EVENTS" | tr -d ' ')" "1" "watch without resourceVersion replays the (selected) state as ADDED"
 
+EVENTS="$(curl -sf "$R?watch=true&resourceVersion=$LIST_RV&allowWatchBookmarks=true&timeoutSeconds=1.5")"
+expect_contains "$(jq_py 'd["type"], d["object"]["kind"], d["object"]["metadata"]["resourceVersion"].isdigit()' <<<"$(tail -n1 <<<"$EVENTS")")" \
+    "^BOOKMARK SseRoute True$" "allowWatchBookmarks: periodic BOOKMARK events"
+EVENTS="$(curl -sf "$R?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true&timeoutSeconds=0.3")"
+expect_eq "$(jq_py 'd["type"], d["object"]["metadata"].get("annotations", {}).get("k8s.io/initial-events-end")' <<<"$(tail -n1 <<<"$EVENTS")")" \
+    "BOOKMARK true" "streaming list: initial ADDED events, then the initial-events-end BOOKMARK"
+
 # --- leases: create, PUT with optimistic concurrency, 409 on a stale write, 410 on a too old watch ------------
 L="$URL/apis/coordination.k8s.io/v1/namespaces/demo/leases"
 LEASE="$(curl -sf -X POST -H 'Content-Type: application/json' "$L" -d '{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"ssegate-leader"},"spec":{"holderIdentity":"pod-a","leaseDurationSeconds":15,"acquireTime":"2026-11-23T10:00:00.000000Z","renewTime":"2026-11-23T10:00:00.000000Z","leaseTransitions":0}}')" \
@@ -170,7 +177,10 @@ expect_eq "$CODE $(jq_py 'd["spec"]["renewTime"]' <"$WORK/lease.json")" "200 202
 CODE="$(curl -s -o "$WORK/conflict.json" -w '%{http_code}' -X PUT -H 'Content-Type: application/json' "$L/ssegate-leader" -d "$STALE")"
 expect_eq "$CODE $(jq_py 'd["kind"], d["reason"], d["code"]' <"$WORK/conflict.json")" "409 Status Conflict 409" "stale lease PUT is a 409 Conflict Status"
 CODE="$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' "$L" -d "$STALE")"
-expect_eq "$CODE" "409" "creating an existing lease is a 409 (AlreadyExists)"
+expect_eq "$CODE" "400" "creating with a resourceVersion is a 400 (as in the apiserver)"
+FRESH="$(jq_py 'json.dumps({**d, "metadata": {"name": d["metadata"]["name"]}})' <<<"$STALE")"
+CODE="$(curl -s -o "$WORK/exists.json" -w '%{http_code}' -X POST -H 'Content-Type: application/json' "$L" -d "$FRESH")"
+expect_eq "$CODE $(jq_py 'd["reason"]' <"$WORK/exists.json")" "409 AlreadyExists" "creating an existing lease is a 409 AlreadyExists"
 FIRST_RV="$(jq_py 'd["metadata"]["resourceVersion"]' <<<"$LEASE")"
 for i in $(seq 1 25); do
     curl -sf -X PATCH -H 'Content-Type: application/merge-patch+json' "$L/ssegate-leader" \

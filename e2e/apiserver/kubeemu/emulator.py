@@ -28,6 +28,7 @@ import copy
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,8 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.resources.load_bundled()  # the built-in resources, as discovered from a real cluster
+        for probe in ('/healthz', '/livez', '/readyz'):  # kmock's DSL: a fixed answer for a path
+            self.fallback[f'get {probe}'] << b'ok'
         self.store.listeners.append(self._on_store_event)
         for namespace in INITIAL_NAMESPACES:
             self.store.create(self._resource_type('', 'v1', 'namespaces'), None,
@@ -208,7 +211,7 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
             obj, gone = self.store.delete(rt, route.namespace, route.name,
                                           preconditions=body.get('preconditions'), dry_run=dry_run)
             if not gone:  # still there, waiting for finalizers: the apiserver returns the object
-                return self._respond(raw, rt, obj, status=202 if not dry_run else 200)
+                return self._respond(raw, rt, obj)
             return _json({
                 'kind': 'Status', 'apiVersion': 'v1', 'metadata': {}, 'status': 'Success',
                 'details': {'name': route.name, 'group': rt.group, 'kind': rt.plural,
@@ -248,7 +251,7 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
         columns = tables.columns_for(self._printer_columns.get((rt.group, rt.version, rt.plural)))
         return tables.render(objs, columns, str(self.store.rv))
 
-    def _filter(self, raw: aiohttp.web.BaseRequest, route: Route):  # type: ignore[no-untyped-def]
+    def _filter(self, raw: aiohttp.web.BaseRequest, route: Route) -> Callable[[Obj], bool]:
         labels_ok = parse_label_selector(raw.query.get('labelSelector'))
         fields_ok = parse_field_selector(raw.query.get('fieldSelector'))
 
@@ -535,6 +538,21 @@ class ApiServerEmulator(kmock.KubernetesScaffold):
     # ------------------------------------------------------------------------------------------
     # Discovery: kmock's handlers, with its quirks fixed.
     # ------------------------------------------------------------------------------------------
+
+    @override
+    async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
+        # kmock's own errors (e.g. an unknown API group) carry kmock-specific reasons/hints
+        # and tracebacks; answer with the apiserver's plain Status instead.
+        if isinstance(exc, kmock.KubernetesNotFoundError):
+            return _json(errors.no_such_resource().status(), status=404)
+        return await super()._render_error(exc)
+
+    @override
+    async def _serve_server_version(self, request: kmock.Request) -> kmock.Payload:
+        # kmock reports a k3s v1.26; claim a recent version so that clients see no version skew.
+        # (The bundled discovery data is a recent cluster's anyway.)
+        return {'major': '1', 'minor': '32', 'gitVersion': 'v1.32.0+kubeemu', 'gitCommit': '', 'gitTreeState': 'clean',
+                'buildDate': '2026-01-01T00:00:00Z', 'goVersion': 'go1.23', 'compiler': 'gc', 'platform': 'linux/amd64'}
 
     def _group_versions(self) -> dict[str, list[str]]:
         """group -> versions, the preferred (highest-priority) version first."""

@@ -101,11 +101,3 @@ def parse_field_selector(text: str | None) -> Predicate:
             checks.append(lambda obj, p=path, v=value: (_lookup(obj, p) or '') == v)
     return lambda obj: all(check(obj) for check in checks)
 
-
-def single_name(text: str | None) -> str | None:
-    """If a field selector pins ``metadata.name=X`` (as kube-rs does for single-object watches), get X."""
-    for term in _split_top_level(text or ''):
-        m = _CMP_RE.match(term)
-        if m and m.group(1) == 'metadata.name' and m.group(2) in ('=', '=='):
-            return m.group(3)
-    return None

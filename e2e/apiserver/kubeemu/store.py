@@ -30,7 +30,7 @@ import datetime
 import random
 import string
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,9 +117,6 @@ class Store:
                                                              key=lambda kv: (kv[0][0] or '', kv[0][1]))
                 if namespace is None or ns == namespace]
 
-    def iter_keys(self, group: str, plural: str) -> Iterator[tuple[str | None, str]]:
-        yield from list(self.buckets[(group, plural)].objects)
-
     # -- watching --------------------------------------------------------------------------
 
     def subscribe(self, rt: ResourceType) -> asyncio.Queue[Event | None]:
@@ -192,12 +189,14 @@ class Store:
                 raise errors.not_found('', 'namespaces', meta['namespace'])
         else:
             meta.pop('namespace', None)
+        if meta.get('resourceVersion'):  # as the apiserver: a create is not a conditional update
+            raise errors.bad_request('resourceVersion should not be set on objects to be created')
         key = self._key(rt, obj)
         if key in self.buckets[rt.key].objects:
             raise errors.already_exists(rt.group, rt.plural, meta['name'])
 
         # System-managed fields: whatever the client sent is overwritten.
-        for system_field in ('resourceVersion', 'deletionTimestamp', 'deletionGracePeriodSeconds'):
+        for system_field in ('deletionTimestamp', 'deletionGracePeriodSeconds'):
             meta.pop(system_field, None)
         meta['uid'] = str(uuid.uuid4())
         meta['creationTimestamp'] = now_rfc3339()
