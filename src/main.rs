@@ -1,5 +1,7 @@
 //! The `ssegate` binary: parses flags, sets up logging and runs the server.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use ssegate::config::{Cli, Command, LogFormat, RunArgs};
 use ssegate::routing::CompileOptions;
@@ -10,6 +12,7 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
