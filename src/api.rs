@@ -68,6 +68,68 @@ pub struct RouteRule {
     /// beyond it clients get `503` with `Retry-After`.
     #[serde(default)]
     pub max_connections: u32,
+    /// How a new stream picks an endpoint of the backend (default round robin).
+    #[serde(default, skip_serializing_if = "LoadBalancing::is_default")]
+    pub load_balancing: LoadBalancing,
+}
+
+/// Endpoint selection for new streams of a rule. Open streams never move: they stay on
+/// their endpoint until it disappears or turns unready.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancing {
+    /// `RoundRobin` (default), `LeastConnections` or `Sticky`.
+    #[serde(default)]
+    pub policy: BalancePolicy,
+    /// The session key of `policy: Sticky`; exactly one key source must be set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<StickySpec>,
+}
+
+impl LoadBalancing {
+    fn is_default(&self) -> bool {
+        *self == LoadBalancing::default()
+    }
+}
+
+/// The load-balancing policy of a rule.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum BalancePolicy {
+    /// Each new stream goes to the next ready endpoint in turn.
+    #[default]
+    RoundRobin,
+    /// Each new stream goes to the ready endpoint with the fewest open streams through this
+    /// ssegate replica.
+    LeastConnections,
+    /// Streams with the same session key go to the same endpoint, on every replica
+    /// (consistent hashing); streams without the key are balanced round robin.
+    Sticky,
+}
+
+/// Where the session key of a sticky rule comes from (exactly one of `header`, `cookie`,
+/// `query`, `sourceIP`), and an optional load bound.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StickySpec {
+    /// A request header, e.g. `X-User-ID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// A cookie name, e.g. `sid`. When the request has no such cookie ssegate issues one
+    /// (a random session id; `HttpOnly`, `SameSite=Lax`, `Path` = the rule's path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    /// A query parameter name, e.g. `user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// `true`: the client's IP address (the TCP peer of ssegate).
+    #[serde(default, rename = "sourceIP", skip_serializing_if = "Option::is_none")]
+    pub source_ip: Option<bool>,
+    /// No endpoint takes more than this factor times the mean number of open streams
+    /// (per replica); a key whose endpoint is full goes to the next endpoint in its hash
+    /// order. At least `1.0`; unset means unbounded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.0))]
+    pub bounded_load: Option<f64>,
 }
 
 /// Request path matching.
@@ -434,6 +496,30 @@ mod tests {
         assert_eq!(rule.timeouts.idle, Duration::ZERO);
         assert_eq!(rule.max_connections, 0);
         assert_eq!(rule.backend.port, PortRef::Number(8080));
+        assert_eq!(rule.load_balancing, LoadBalancing::default());
+        assert_eq!(rule.load_balancing.policy, BalancePolicy::RoundRobin);
+    }
+
+    #[test]
+    fn load_balancing_parses_the_documented_shape() {
+        let spec: SseRouteSpec = serde_yaml::from_str(
+            "rules:\n- match: {path: /n}\n  backend: {service: s, port: 8080}\n  loadBalancing:\n    policy: Sticky\n    sticky:\n      header: X-User-ID\n      boundedLoad: 1.25\n",
+        )
+        .unwrap();
+        let lb = &spec.rules[0].load_balancing;
+        assert_eq!(lb.policy, BalancePolicy::Sticky);
+        let sticky = lb.sticky.as_ref().unwrap();
+        assert_eq!(sticky.header.as_deref(), Some("X-User-ID"));
+        assert_eq!(sticky.bounded_load, Some(1.25));
+        let ip: StickySpec = serde_yaml::from_str("sourceIP: true").unwrap();
+        assert_eq!(ip.source_ip, Some(true));
+        // Round trip keeps the field names of the product interface.
+        let text = serde_yaml::to_string(&ip).unwrap();
+        assert_eq!(text.trim(), "sourceIP: true");
+        let lc: LoadBalancing = serde_yaml::from_str("policy: LeastConnections").unwrap();
+        assert_eq!(lc.policy, BalancePolicy::LeastConnections);
+        let err = serde_yaml::from_str::<LoadBalancing>("policy: Random").unwrap_err();
+        assert!(err.to_string().contains("Random"), "{err}");
     }
 
     #[test]

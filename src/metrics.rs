@@ -7,7 +7,12 @@
 
 use std::sync::Arc;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use arc_swap::ArcSwap;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// Every `reason` of `ssegate_upstream_errors_total`.
 pub const UPSTREAM_ERROR_REASONS: [&str; 7] = [
@@ -35,6 +40,56 @@ pub struct Metrics {
     rejected_total: IntCounterVec,
     config_reloads_total: IntCounterVec,
     routes: IntGauge,
+    balance: Arc<ArcSwap<BalanceView>>,
+}
+
+/// Something whose load spread across endpoints can be measured (a backend).
+pub trait BalanceSource: Send + Sync {
+    /// Most open streams on one endpoint divided by the mean; `None` without streams.
+    fn max_over_mean(&self) -> Option<f64>;
+}
+
+/// Per route (`namespace/name`), the backends of its rules, as of the last compile.
+pub type BalanceView = Vec<(Arc<str>, Vec<Arc<dyn BalanceSource>>)>;
+
+/// Computes `ssegate_balance_max_over_mean{route}` at scrape time from the backends of the
+/// current table: exact, and nothing to update on the request path.
+struct BalanceCollector {
+    view: Arc<ArcSwap<BalanceView>>,
+    desc: Vec<Desc>,
+}
+
+const BALANCE_NAME: &str = "ssegate_balance_max_over_mean";
+const BALANCE_HELP: &str = "Most open streams on one endpoint of a route's backend divided by the \
+     mean over its ready endpoints (through this replica; the worst rule of the route); \
+     0 while the route has no open streams.";
+
+impl BalanceCollector {
+    fn gauge() -> GaugeVec {
+        GaugeVec::new(Opts::new(BALANCE_NAME, BALANCE_HELP), &["route"]).expect("valid metric")
+    }
+}
+
+impl Collector for BalanceCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.desc.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let view = self.view.load();
+        if view.is_empty() {
+            return Vec::new();
+        }
+        let gauge = Self::gauge();
+        for (route, sources) in view.iter() {
+            let worst = sources
+                .iter()
+                .filter_map(|s| s.max_over_mean())
+                .fold(0.0, f64::max);
+            gauge.with_label_values(&[&**route]).set(worst);
+        }
+        gauge.collect()
+    }
 }
 
 impl Metrics {
@@ -103,6 +158,17 @@ impl Metrics {
         registry
             .register(Box::new(routes.clone()))
             .expect("unique metric");
+        let balance = Arc::new(ArcSwap::from_pointee(BalanceView::new()));
+        registry
+            .register(Box::new(BalanceCollector {
+                view: balance.clone(),
+                desc: BalanceCollector::gauge()
+                    .desc()
+                    .into_iter()
+                    .cloned()
+                    .collect(),
+            }))
+            .expect("unique metric");
         Metrics {
             registry,
             connections_active,
@@ -114,7 +180,14 @@ impl Metrics {
             rejected_total,
             config_reloads_total,
             routes,
+            balance,
         }
+    }
+
+    /// Replaces the backends `ssegate_balance_max_over_mean` is computed from (called with
+    /// every compiled table; routes not in `view` lose their series).
+    pub fn set_balance_view(&self, view: BalanceView) {
+        self.balance.store(Arc::new(view));
     }
 
     /// The registry, for exposition or for registering more collectors.
@@ -236,6 +309,34 @@ mod tests {
         ));
         m.forget_route("apps/feed");
         assert!(!m.render().contains("apps/feed"));
+    }
+
+    struct Fixed(Option<f64>);
+    impl BalanceSource for Fixed {
+        fn max_over_mean(&self) -> Option<f64> {
+            self.0
+        }
+    }
+
+    #[test]
+    fn balance_gauge_is_the_worst_rule_per_route_at_scrape_time() {
+        let m = Metrics::new();
+        assert!(!m.render().contains(BALANCE_NAME));
+        m.set_balance_view(vec![
+            (
+                Arc::from("apps/a"),
+                vec![Arc::new(Fixed(Some(1.5))), Arc::new(Fixed(Some(2.25)))],
+            ),
+            (Arc::from("apps/idle"), vec![Arc::new(Fixed(None))]),
+        ]);
+        let text = m.render();
+        assert!(
+            text.contains(r#"ssegate_balance_max_over_mean{route="apps/a"} 2.25"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"ssegate_balance_max_over_mean{route="apps/idle"} 0"#));
+        m.set_balance_view(vec![]);
+        assert!(!m.render().contains("apps/a"));
     }
 
     #[test]

@@ -4,15 +4,18 @@
 //! [`RouteTable`] plus one [`RouteReport`] per route. It does no I/O and reads no clock: all
 //! precedence, validation and endpoint resolution is decided here and unit-tested with plain
 //! values. The only state it touches is the [`StateStore`], an interner that hands back the
-//! same per-route metric handles and per-rule connection counters across compiles, so
-//! `maxConnections` and `ssegate_connections_active` stay exact while tables are swapped.
+//! same per-route metric handles, per-rule connection counters and per-endpoint state
+//! ([`crate::balance::Endpoint`]) across compiles, so `maxConnections`,
+//! `ssegate_connections_active` and least-connections stay exact while tables are swapped.
+//! Endpoints a compile finds gone or unready are retired in the store, which ends the
+//! streams still open on them.
 //!
 //! Matching follows the Gateway API: the most specific host wins (exact, then the longest
 //! wildcard suffix, then routes without hostnames); within a host an `Exact` path beats any
 //! `Prefix`, and the longest `Prefix` (matched segment-wise) wins. When two routes claim the
 //! same host and path, the older one (creation time, then `namespace/name`) keeps it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,9 +25,9 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 
-use crate::api::{Mode, PathType, PortRef, RouteRule, SseRoute};
-use crate::balance::Backend;
-use crate::metrics::{Metrics, RouteMetrics};
+use crate::api::{BalancePolicy, LoadBalancing, Mode, PathType, PortRef, RouteRule, SseRoute};
+use crate::balance::{Backend, EndpointStore, KeySource, Policy};
+use crate::metrics::{BalanceSource, BalanceView, Metrics, RouteMetrics};
 use crate::source::Snapshot;
 use crate::status::{ACCEPTED, CondState, READY, RESOLVED_REFS, RouteReport};
 
@@ -196,6 +199,7 @@ pub struct StateStore {
     metrics: Metrics,
     routes: Mutex<HashMap<String, RouteMetrics>>,
     rules: Mutex<HashMap<RuleId, Arc<AtomicUsize>>>,
+    endpoints: EndpointStore,
 }
 
 impl StateStore {
@@ -205,6 +209,7 @@ impl StateStore {
             metrics,
             routes: Mutex::default(),
             rules: Mutex::default(),
+            endpoints: EndpointStore::default(),
         }
     }
 
@@ -264,6 +269,10 @@ pub fn compile(
     let mut reports = Vec::with_capacity(routes.len());
     let mut live_routes = Vec::new();
     let mut live_rules = Vec::new();
+    // Backends whose ready endpoints this compile knows, and the endpoints in the table.
+    let mut resolved_backends = HashSet::new();
+    let mut live_endpoints = HashSet::new();
+    let mut balance_view: BalanceView = Vec::new();
 
     for route in routes {
         let key = route_key(route);
@@ -286,14 +295,27 @@ pub fn compile(
         let mut conflicts = Vec::new();
         if invalid.is_none() {
             let metrics = state.route_metrics(&key);
+            let mut backends: Vec<Arc<dyn BalanceSource>> = Vec::new();
             for (i, (rule, endpoints)) in route.spec.rules.iter().zip(&resolved).enumerate() {
                 let path = normalize_path(&rule.path_match.path, rule.path_match.path_type);
                 let id: RuleId = (key.clone(), rule.path_match.path_type, path.clone());
-                let endpoints = endpoints.clone().unwrap_or_default();
-                let backend = Backend::new(
-                    format!("{ns}/{}:{}", rule.backend.service, rule.backend.port),
-                    endpoints,
-                );
+                let name = format!("{ns}/{}:{}", rule.backend.service, rule.backend.port);
+                let endpoints = match endpoints {
+                    Ok(addrs) => {
+                        resolved_backends.insert(name.clone());
+                        addrs
+                            .iter()
+                            .map(|&addr| {
+                                live_endpoints.insert((name.clone(), addr));
+                                state.endpoints.endpoint(&name, addr)
+                            })
+                            .collect()
+                    }
+                    Err(_) => Vec::new(),
+                };
+                // `validate` accepted the route, so the policy is valid.
+                let policy = balance_policy(&rule.load_balancing).unwrap_or(Policy::RoundRobin);
+                let backend = Arc::new(Backend::new(name, policy, endpoints));
                 let compiled = Arc::new(Rule {
                     metrics: metrics.clone(),
                     index: i,
@@ -310,18 +332,22 @@ pub fn compile(
                     },
                     max_connections: rule.max_connections,
                     active: state.rule_counter(id.clone()),
-                    backend: Arc::new(backend),
+                    backend: backend.clone(),
                 });
                 match builder.insert(&route.spec.hostnames, &key, compiled) {
                     Ok(()) => {
                         served_rules += 1;
                         live_rules.push(id);
+                        backends.push(backend);
                     }
                     Err(owner) => conflicts.push(format!(
                         "rule {i} ({} {path}) is already served by route {owner}",
                         path_type_name(rule.path_match.path_type)
                     )),
                 }
+            }
+            if !backends.is_empty() {
+                balance_view.push((metrics.route.clone(), backends));
             }
         }
 
@@ -385,6 +411,8 @@ pub fn compile(
     }
 
     state.prune(&live_routes, &live_rules);
+    state.endpoints.sweep(&resolved_backends, &live_endpoints);
+    state.metrics.set_balance_view(balance_view);
     let mut table = builder.finish();
     table.routes = live_routes.len();
     (table, reports)
@@ -471,7 +499,80 @@ fn validate_rule(rule: &RouteRule) -> Result<(), String> {
     if rule.mode == Mode::Poll {
         return Err("mode Poll is not supported by this ssegate version".into());
     }
-    Ok(())
+    balance_policy(&rule.load_balancing).map(drop)
+}
+
+/// The endpoint selection policy of a rule, or why its `loadBalancing` is invalid.
+fn balance_policy(lb: &LoadBalancing) -> Result<Policy, String> {
+    let sticky = match (lb.policy, &lb.sticky) {
+        (BalancePolicy::RoundRobin, None) => return Ok(Policy::RoundRobin),
+        (BalancePolicy::LeastConnections, None) => return Ok(Policy::LeastConnections),
+        (BalancePolicy::Sticky, Some(sticky)) => sticky,
+        (BalancePolicy::Sticky, None) => {
+            return Err(
+                "loadBalancing.policy Sticky needs loadBalancing.sticky with one of \
+                        header, cookie, query or sourceIP"
+                    .into(),
+            );
+        }
+        (policy, Some(_)) => {
+            return Err(format!(
+                "loadBalancing.sticky is only used with policy Sticky, not {policy:?}"
+            ));
+        }
+    };
+    let mut sources = Vec::new();
+    if let Some(h) = &sticky.header {
+        let name = http::HeaderName::from_bytes(h.as_bytes())
+            .map_err(|_| format!("loadBalancing.sticky.header {h:?} is not a valid header name"))?;
+        sources.push(("header", KeySource::Header(name)));
+    }
+    if let Some(c) = &sticky.cookie {
+        let token = |b: u8| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b);
+        if c.is_empty() || !c.bytes().all(token) {
+            return Err(format!(
+                "loadBalancing.sticky.cookie {c:?} is not a valid cookie name"
+            ));
+        }
+        sources.push(("cookie", KeySource::Cookie(c.as_str().into())));
+    }
+    if let Some(q) = &sticky.query {
+        if q.is_empty() || q.contains(|c: char| c.is_whitespace() || "&=#".contains(c)) {
+            return Err(format!(
+                "loadBalancing.sticky.query {q:?} is not a valid query parameter name"
+            ));
+        }
+        sources.push(("query", KeySource::Query(q.as_str().into())));
+    }
+    if sticky.source_ip == Some(true) {
+        sources.push(("sourceIP", KeySource::SourceIp));
+    }
+    if let Some(c) = sticky.bounded_load
+        && !(c.is_finite() && c >= 1.0)
+    {
+        return Err(format!(
+            "loadBalancing.sticky.boundedLoad {c} must be a number of at least 1.0"
+        ));
+    }
+    match sources.len() {
+        1 => Ok(Policy::Sticky {
+            key: sources.remove(0).1,
+            bounded_load: sticky.bounded_load,
+        }),
+        0 => Err(
+            "loadBalancing.sticky needs exactly one key source: header, cookie, query \
+                  or sourceIP: true"
+                .into(),
+        ),
+        _ => Err(format!(
+            "loadBalancing.sticky sets {}; exactly one key source is allowed",
+            sources
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(" and ")
+        )),
+    }
 }
 
 fn validate_hostname(h: &str) -> Result<(), String> {
@@ -665,7 +766,7 @@ impl TableBuilder {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::api::{BackendRef, Keepalive, PathMatch, SseRouteSpec, Timeouts};
+    use crate::api::{BackendRef, Keepalive, PathMatch, SseRouteSpec, StickySpec, Timeouts};
     use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -712,8 +813,29 @@ pub(crate) mod tests {
                 keepalive: Keepalive::default(),
                 timeouts: Timeouts::default(),
                 max_connections: 0,
+                load_balancing: LoadBalancing::default(),
             });
             self
+        }
+        /// Sets the last rule's `loadBalancing`.
+        pub(crate) fn balance(mut self, lb: LoadBalancing) -> Self {
+            self.0.spec.rules.last_mut().unwrap().load_balancing = lb;
+            self
+        }
+        pub(crate) fn least_connections(self) -> Self {
+            self.balance(LoadBalancing {
+                policy: BalancePolicy::LeastConnections,
+                sticky: None,
+            })
+        }
+        pub(crate) fn sticky_header(self, header: &str) -> Self {
+            self.balance(LoadBalancing {
+                policy: BalancePolicy::Sticky,
+                sticky: Some(StickySpec {
+                    header: Some(header.into()),
+                    ..Default::default()
+                }),
+            })
         }
         pub(crate) fn rewrite(mut self, to: &str) -> Self {
             self.0.spec.rules.last_mut().unwrap().backend.rewrite_path = Some(to.into());
@@ -897,8 +1019,8 @@ pub(crate) mod tests {
             compile_all(&snap(vec![route("apps", "r").rule("/", "svc", 80).build()]));
         let rule = t.route("h", "/").unwrap();
         assert_eq!(
-            rule.backend.endpoints(),
-            &["10.0.0.1:9000".parse().unwrap()]
+            rule.backend.addrs(),
+            vec!["10.0.0.1:9000".parse::<SocketAddr>().unwrap()]
         );
         assert!(reports[0].all_ok(), "{}", reports[0].summary());
         assert_eq!(reports[0].ready_endpoints, 1);
@@ -952,8 +1074,8 @@ pub(crate) mod tests {
         s.endpoint_slices.push(sl);
         let (t, _) = compile_all(&s);
         assert_eq!(
-            t.route("h", "/").unwrap().backend.endpoints(),
-            &["10.0.0.9:7000".parse().unwrap()]
+            t.route("h", "/").unwrap().backend.addrs(),
+            vec!["10.0.0.9:7000".parse::<SocketAddr>().unwrap()]
         );
     }
 
@@ -1037,6 +1159,189 @@ pub(crate) mod tests {
             .fetch_sub(1, Ordering::Relaxed);
         compile(&snap(vec![]), &CompileOptions::default(), &state);
         assert!(state.rules.lock().unwrap().is_empty());
+    }
+
+    fn lb(yaml: &str) -> LoadBalancing {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn load_balancing_compiles_into_the_backend_policy() {
+        let (t, reports) = compile_all(&snap(vec![
+            route("apps", "rr").rule("/rr", "svc", 80).build(),
+            route("apps", "lc")
+                .rule("/lc", "svc", 80)
+                .least_connections()
+                .build(),
+            route("apps", "st")
+                .rule("/st", "svc", 80)
+                .sticky_header("X-User-ID")
+                .build(),
+            route("apps", "ck")
+                .rule("/ck", "svc", 80)
+                .balance(lb(
+                    "{policy: Sticky, sticky: {cookie: sid, boundedLoad: 1.25}}",
+                ))
+                .build(),
+        ]));
+        assert!(reports.iter().all(|r| r.all_ok()));
+        let policy = |p: &str| t.route("h", p).unwrap().backend.policy().clone();
+        assert_eq!(policy("/rr"), Policy::RoundRobin);
+        assert_eq!(policy("/lc"), Policy::LeastConnections);
+        assert_eq!(
+            policy("/st"),
+            Policy::Sticky {
+                key: KeySource::Header(http::HeaderName::from_static("x-user-id")),
+                bounded_load: None
+            }
+        );
+        assert_eq!(
+            policy("/ck"),
+            Policy::Sticky {
+                key: KeySource::Cookie("sid".into()),
+                bounded_load: Some(1.25)
+            }
+        );
+    }
+
+    #[test]
+    fn invalid_load_balancing_is_not_accepted_and_says_why() {
+        let cases = [
+            ("{policy: Sticky}", "needs loadBalancing.sticky"),
+            ("{policy: Sticky, sticky: {}}", "exactly one key source"),
+            (
+                "{policy: Sticky, sticky: {sourceIP: false}}",
+                "exactly one key source",
+            ),
+            (
+                "{policy: Sticky, sticky: {header: x-a, cookie: sid}}",
+                "sets header and cookie",
+            ),
+            (
+                "{policy: LeastConnections, sticky: {header: x-a}}",
+                "only used with policy Sticky",
+            ),
+            ("{sticky: {header: x-a}}", "only used with policy Sticky"),
+            (
+                "{policy: Sticky, sticky: {header: 'bad header'}}",
+                "not a valid header name",
+            ),
+            (
+                "{policy: Sticky, sticky: {cookie: 'a;b'}}",
+                "not a valid cookie name",
+            ),
+            (
+                "{policy: Sticky, sticky: {cookie: ''}}",
+                "not a valid cookie name",
+            ),
+            (
+                "{policy: Sticky, sticky: {query: 'a&b'}}",
+                "not a valid query parameter",
+            ),
+            (
+                "{policy: Sticky, sticky: {sourceIP: true, boundedLoad: 0.5}}",
+                "boundedLoad 0.5 must be",
+            ),
+            (
+                "{policy: Sticky, sticky: {sourceIP: true, boundedLoad: .nan}}",
+                "boundedLoad NaN must be",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let (t, reports) = compile_all(&snap(vec![
+                route("apps", "bad")
+                    .rule("/b", "svc", 80)
+                    .balance(lb(yaml))
+                    .build(),
+                route("apps", "good").rule("/g", "svc", 80).build(),
+            ]));
+            let bad = reports.iter().find(|r| r.name == "bad").unwrap();
+            let acc = bad.condition(ACCEPTED).unwrap();
+            assert!(!acc.status, "{yaml} was accepted");
+            assert_eq!(acc.reason, "InvalidRule");
+            assert!(acc.message.contains(want), "{yaml}: {}", acc.message);
+            assert!(t.route("h", "/b").is_none());
+            assert!(
+                t.route("h", "/g").is_some(),
+                "{yaml} took another route down"
+            );
+        }
+        for ok in [
+            "{policy: Sticky, sticky: {sourceIP: true, boundedLoad: 1}}",
+            "{policy: Sticky, sticky: {query: user, sourceIP: false}}",
+            "{policy: RoundRobin}",
+        ] {
+            let (_, reports) = compile_all(&snap(vec![
+                route("apps", "r")
+                    .rule("/", "svc", 80)
+                    .balance(lb(ok))
+                    .build(),
+            ]));
+            assert!(reports[0].all_ok(), "{ok}: {}", reports[0].summary());
+        }
+    }
+
+    fn two_endpoints(ready2: bool) -> Snapshot {
+        let mut s = snap(vec![
+            route("apps", "r")
+                .rule("/", "svc", 80)
+                .least_connections()
+                .build(),
+        ]);
+        s.endpoint_slices = vec![slice(
+            "apps",
+            "svc",
+            9000,
+            &[("10.0.0.1", true), ("10.0.0.2", ready2)],
+        )];
+        s
+    }
+
+    #[test]
+    fn endpoint_state_survives_recompiles_and_retires_when_unready() {
+        use crate::balance::EndpointLease;
+        let state = StateStore::new(Metrics::new());
+        let opts = CompileOptions::default();
+        let (t1, _) = compile(&two_endpoints(true), &opts, &state);
+        let eps1 = t1.route("h", "/").unwrap().backend.endpoints().to_vec();
+        let lease = EndpointLease::new(eps1[1].clone());
+        // Same endpoints: same shared state, so the open stream is still counted.
+        let (t2, _) = compile(&two_endpoints(true), &opts, &state);
+        let eps2 = t2.route("h", "/").unwrap().backend.endpoints();
+        assert!(Arc::ptr_eq(&eps1[0], &eps2[0]) && Arc::ptr_eq(&eps1[1], &eps2[1]));
+        assert_eq!(eps2[1].active(), 1);
+        assert_eq!(
+            t2.route("h", "/").unwrap().backend.plan(None, 1)[0].addr(),
+            eps1[0].addr(),
+            "least connections sees the stream opened under the old table"
+        );
+        // Endpoint 2 turns unready: it is retired, endpoint 1 is untouched.
+        let (t3, _) = compile(&two_endpoints(false), &opts, &state);
+        assert!(eps1[1].is_retired());
+        assert!(!eps1[0].is_retired());
+        assert_eq!(t3.route("h", "/").unwrap().backend.endpoints().len(), 1);
+        drop(lease);
+        // The route goes away: its endpoints are not retired (nothing says they are gone).
+        compile(&snap(vec![]), &opts, &state);
+        assert!(!eps1[0].is_retired());
+        assert!(state.endpoints.is_empty());
+    }
+
+    #[test]
+    fn balance_metric_covers_served_routes() {
+        let metrics = Metrics::new();
+        let state = StateStore::new(metrics.clone());
+        let (t, _) = compile(&two_endpoints(true), &CompileOptions::default(), &state);
+        let backend = &t.route("h", "/").unwrap().backend;
+        let _a = crate::balance::EndpointLease::new(backend.endpoints()[0].clone());
+        let _b = crate::balance::EndpointLease::new(backend.endpoints()[0].clone());
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"ssegate_balance_max_over_mean{route="apps/r"} 2"#),
+            "{text}"
+        );
+        compile(&snap(vec![]), &CompileOptions::default(), &state);
+        assert!(!metrics.render().contains("ssegate_balance_max_over_mean{"));
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The data plane: listeners, request handling and the upstream exchange.
 //!
 //! A request loads the routing table once (one atomic load), keeps only the `Arc<Rule>` it
-//! matched, picks an endpoint, connects (falling over to the next endpoint on a connect
-//! failure), sends the request and relays the response body through [`relay`]'s wrappers.
-//! Errors are classified in [`error::ProxyError`].
+//! matched, asks its backend for a plan (the endpoints to try, chosen by the rule's
+//! load-balancing policy from the request's sticky key, if any), connects (falling over to the
+//! next endpoint on a connect failure), sends the request and relays the response body through
+//! [`relay`]'s wrappers. Errors are classified in [`error::ProxyError`].
 
 pub mod error;
 pub mod relay;
@@ -24,15 +25,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::api::Mode;
+use crate::balance::{Endpoint, EndpointLease, KeySource, hash_key};
 use crate::routing::{RouteTable, Rule};
 use error::ProxyError;
-use relay::{DriveConn, RelayBody, RelayTimers, StreamGuard};
+use relay::{DriveConn, EndpointBody, RelayBody, RelayTimers, StreamGuard};
 
 /// Endpoints tried per request before answering 502.
 const CONNECT_ATTEMPTS: usize = 3;
 
 /// Response body of the proxy: a short generated body, or a relayed upstream body.
-pub type ProxyBody = Either<Full<Bytes>, RelayBody<DriveConn<UpstreamConn, Incoming>>>;
+pub type ProxyBody =
+    Either<Full<Bytes>, RelayBody<EndpointBody<DriveConn<UpstreamConn, Incoming>>>>;
 
 /// The upstream HTTP/1 connection future driven by [`DriveConn`].
 pub type UpstreamConn = hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Incoming>;
@@ -154,7 +157,27 @@ impl Proxy {
         if rule.backend.is_empty() {
             return Err(fail(ProxyError::NoEndpoints(rule.backend.name.clone())));
         }
-        let stream = connect(&rule).await.map_err(fail)?;
+        let (key, set_cookie) = match rule.backend.policy().key_source() {
+            None => (None, None),
+            Some(source) => {
+                match source.key_hash(req.headers(), req.uri().query(), peer.ip()) {
+                    Some(key) => (Some(key), None),
+                    None => match source {
+                        // No session yet: issue one, and place this stream where the
+                        // browser's reconnects (which will carry the cookie) will go.
+                        KeySource::Cookie(name) => {
+                            match issue_cookie(name, &rule.path, self.config.scheme) {
+                                Some((id, cookie)) => (Some(hash_key(id.as_bytes())), Some(cookie)),
+                                None => (None, None),
+                            }
+                        }
+                        _ => (None, None),
+                    },
+                }
+            }
+        };
+        let plan = rule.backend.plan(key, CONNECT_ATTEMPTS);
+        let (stream, lease) = connect(&rule, plan).await.map_err(fail)?;
         let upstream_req =
             upstream_request(req, &rule, &host, peer, self.config.scheme).map_err(fail)?;
 
@@ -197,6 +220,9 @@ impl Proxy {
 
         let (mut parts, body) = upstream_resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(cookie) = set_cookie {
+            parts.headers.append(header::SET_COOKIE, cookie);
+        }
         let sse = is_event_stream(&parts.headers);
         if sse {
             // The framer needs the bytes as sent; a length would be wrong once keepalives
@@ -221,15 +247,24 @@ impl Proxy {
         } else {
             DriveConn::new(conn, body)
         };
-        let body = RelayBody::new(body, sse, timers, guard);
+        let body = RelayBody::new(EndpointBody::new(body, lease), sse, timers, guard);
         Ok(Response::from_parts(parts, Either::Right(body)))
     }
 }
 
-/// Connects to up to [`CONNECT_ATTEMPTS`] endpoints in turn; the first success wins.
-async fn connect(rule: &Rule) -> Result<TcpStream, ProxyError> {
+/// Connects to the endpoints of `plan` in turn; the first success wins. The returned lease
+/// counts the stream on its endpoint (attempts are counted while they run).
+async fn connect(
+    rule: &Rule,
+    plan: Vec<Arc<Endpoint>>,
+) -> Result<(TcpStream, EndpointLease), ProxyError> {
+    if plan.is_empty() {
+        return Err(ProxyError::NoEndpoints(rule.backend.name.clone()));
+    }
     let mut last = None;
-    for addr in rule.backend.candidates(CONNECT_ATTEMPTS) {
+    for endpoint in plan {
+        let addr = endpoint.addr();
+        let lease = EndpointLease::new(endpoint);
         let attempt = TcpStream::connect(addr);
         let res = match rule.timeouts.connect {
             Some(t) => tokio::time::timeout(t, attempt).await.ok(),
@@ -238,7 +273,7 @@ async fn connect(rule: &Rule) -> Result<TcpStream, ProxyError> {
         match res {
             Some(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                return Ok(stream);
+                return Ok((stream, lease));
             }
             Some(Err(e)) => {
                 tracing::warn!(route = rule.route(), endpoint = %addr, error = %e, "connect failed");
@@ -258,6 +293,30 @@ async fn connect(rule: &Rule) -> Result<TcpStream, ProxyError> {
         reason,
         timed_out,
     })
+}
+
+/// A new sticky session: a random 128-bit id and the `Set-Cookie` header that stores it under
+/// `name` for the rule's `path`. The id is random, so the cookie says nothing about any
+/// endpoint; the endpoint follows from hashing it. `None` if the system has no randomness
+/// to give (the request is then balanced round robin).
+fn issue_cookie(name: &str, path: &str, scheme: &str) -> Option<(String, HeaderValue)> {
+    let mut raw = [0u8; 16];
+    if let Err(e) = getrandom::fill(&mut raw) {
+        tracing::warn!(error = %e, "no randomness for a session cookie");
+        return None;
+    }
+    let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    // A path that cannot be a cookie attribute value (`;`, controls) widens the cookie to
+    // the whole host rather than breaking the header.
+    let path = if path.bytes().all(|b| b.is_ascii_graphic() && b != b';') {
+        path
+    } else {
+        "/"
+    };
+    let secure = if scheme == "https" { "; Secure" } else { "" };
+    let cookie = format!("{name}={id}; Path={path}; HttpOnly; SameSite=Lax{secure}");
+    let value = HeaderValue::from_str(&cookie).ok()?;
+    Some((id, value))
 }
 
 /// The request's host, lower-cased and without a port: the `Host` header, or the URI's
@@ -385,6 +444,28 @@ fn upstream_request<B: Body>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn issued_cookies_are_random_scoped_and_reveal_nothing() {
+        let (id, v) = issue_cookie("sid", "/events", "http").unwrap();
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(
+            v.to_str().unwrap(),
+            format!("sid={id}; Path=/events; HttpOnly; SameSite=Lax")
+        );
+        let (id2, _) = issue_cookie("sid", "/events", "http").unwrap();
+        assert_ne!(id, id2);
+        let (_, https) = issue_cookie("sid", "/", "https").unwrap();
+        assert!(
+            https
+                .to_str()
+                .unwrap()
+                .ends_with("; Path=/; HttpOnly; SameSite=Lax; Secure")
+        );
+        let (_, odd) = issue_cookie("sid", "/a;b", "http").unwrap();
+        assert!(odd.to_str().unwrap().contains("; Path=/; "));
+    }
 
     #[test]
     fn host_parsing() {

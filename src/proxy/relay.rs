@@ -7,19 +7,24 @@
 //!   SSE [`Framer`] scan them for event boundaries and counts, and runs the stream's timers:
 //!   keepalive comments (only at an event boundary), upstream idle timeout and maximum
 //!   duration (ended at a boundary). One timer per stream serves all three.
+//! - [`EndpointBody`] counts the stream on its endpoint (least connections, bounded loads)
+//!   and ends it cleanly when the endpoint disappears or turns unready, so the client
+//!   reconnects to a ready one. It watches one shared flag; no lock on the event path.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 
+use crate::balance::EndpointLease;
 use crate::routing::Rule;
 use crate::sse::{Framer, KEEPALIVE};
 
@@ -82,6 +87,60 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+pin_project! {
+    /// A body that holds its endpoint's stream count and ends (cleanly, as if the upstream
+    /// had finished) once the endpoint is retired.
+    pub struct EndpointBody<B> {
+        #[pin]
+        inner: B,
+        lease: EndpointLease,
+        retired: Pin<Box<OwnedNotified>>,
+        // The waker registered with `retired`; re-registered only when the task's waker
+        // changes, so an ordinary poll costs one atomic load.
+        waker: Option<Waker>,
+    }
+}
+
+impl<B> EndpointBody<B> {
+    /// Wraps `inner`, the body of a stream counted by `lease`.
+    pub fn new(inner: B, lease: EndpointLease) -> Self {
+        let retired = Box::pin(lease.endpoint().retired());
+        EndpointBody {
+            inner,
+            lease,
+            retired,
+            waker: None,
+        }
+    }
+}
+
+impl<B: Body> Body for EndpointBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let endpoint = this.lease.endpoint();
+        if endpoint.is_retired() {
+            return Poll::Ready(None);
+        }
+        if this.waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+            if this.retired.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            *this.waker = Some(cx.waker().clone());
+        }
+        this.inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.lease.endpoint().is_retired() || self.inner.is_end_stream()
     }
 }
 
@@ -476,6 +535,50 @@ mod tests {
         });
         assert_eq!(next(&mut body).await.unwrap(), "ial\n\n");
         assert_eq!(next(&mut body).await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endpoint_body_counts_the_stream_and_ends_cleanly_on_retirement() {
+        use crate::balance::Endpoint;
+        let ep = Endpoint::new("10.0.0.1:80".parse().unwrap());
+        let (tx, rx) = mpsc::channel(4);
+        let mut body = Box::pin(EndpointBody::new(
+            StreamBody::new(ReceiverStream(rx)),
+            EndpointLease::new(ep.clone()),
+        ));
+        assert_eq!(ep.active(), 1);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"data: a\n\n"))))
+            .await
+            .unwrap();
+        assert!(poll_fn(|cx| body.as_mut().poll_frame(cx)).await.is_some());
+        // Idle stream: only the retirement can wake it.
+        let ep2 = ep.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            ep2.retire();
+        });
+        let t0 = Instant::now();
+        let end = poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+        assert!(end.is_none(), "a clean end, not an error");
+        assert_eq!(t0.elapsed(), Duration::from_secs(3600));
+        assert!(body.is_end_stream());
+        drop(body);
+        assert_eq!(ep.active(), 0);
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn endpoint_body_on_an_already_retired_endpoint_ends_at_once() {
+        use crate::balance::Endpoint;
+        let ep = Endpoint::new("10.0.0.1:80".parse().unwrap());
+        let lease = EndpointLease::new(ep.clone());
+        ep.retire();
+        let (_tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+        let mut body = Box::pin(EndpointBody::new(
+            StreamBody::new(ReceiverStream(rx)),
+            lease,
+        ));
+        assert!(poll_fn(|cx| body.as_mut().poll_frame(cx)).await.is_none());
     }
 
     #[tokio::test]
