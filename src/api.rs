@@ -18,6 +18,20 @@ pub const GROUP: &str = "ssegate.io";
 /// `apiVersion` of [`SseRoute`].
 pub const API_VERSION: &str = "ssegate.io/v1alpha1";
 
+/// Schema pattern of `spec.hostnames[]`: a lower-case DNS name, optionally `*.`-prefixed
+/// (the same rule [`crate::routing::compile`] enforces).
+pub const HOSTNAME_PATTERN: &str =
+    r"^(\*\.)?[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$";
+/// Schema pattern of `match.path`: absolute, no whitespace, query or fragment.
+pub const PATH_PATTERN: &str = r"^/[^\s?#]*$";
+/// Schema pattern of `backend.rewritePath`.
+pub const REWRITE_PATTERN: &str = r"^/";
+/// Schema pattern of `backend.service`: a Service name (DNS-1035 label).
+pub const SERVICE_NAME_PATTERN: &str = r"^[a-z]([-a-z0-9]*[a-z0-9])?$";
+/// CEL rule of `backend.port` (an int-or-string): a port number in range, or a non-empty name.
+pub const PORT_RULE: &str =
+    "type(self) == int ? (self >= 1 && self <= 65535) : (size(self) > 0 && size(self) <= 15)";
+
 /// Desired routing of Server-Sent Events streams for a set of hostnames.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -27,6 +41,7 @@ pub const API_VERSION: &str = "ssegate.io/v1alpha1";
     plural = "sseroutes",
     shortname = "ssr",
     namespaced,
+    doc = "Routes Server-Sent Events streams for a set of hostnames to Services.",
     status = "SseRouteStatus",
     printcolumn = r#"{"name":"Hosts","type":"string","jsonPath":".spec.hostnames"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
@@ -38,11 +53,13 @@ pub struct SseRouteSpec {
     /// Hostnames this route serves. Empty means any host. `*.example.com` matches any
     /// subdomain of `example.com` (not `example.com` itself); exact names beat wildcards.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(length(max = 253), regex(pattern = HOSTNAME_PATTERN)))]
     pub hostnames: Vec<String>,
     /// Which ssegate installation serves this route (`--class`). Unset: the default class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class_name: Option<String>,
     /// Path rules; the most specific match wins (Exact beats the longest Prefix).
+    #[schemars(length(min = 1))]
     pub rules: Vec<RouteRule>,
 }
 
@@ -137,6 +154,7 @@ pub struct StickySpec {
 #[serde(rename_all = "camelCase")]
 pub struct PathMatch {
     /// An absolute path, starting with `/`.
+    #[schemars(length(max = 1024), regex(pattern = PATH_PATTERN))]
     pub path: String,
     /// `Prefix` (default) matches whole path segments: `/a` matches `/a` and `/a/b`, not `/ab`.
     #[serde(default)]
@@ -171,11 +189,17 @@ pub enum PathType {
 #[serde(rename_all = "camelCase")]
 pub struct BackendRef {
     /// Name of a Service in the route's namespace.
+    #[schemars(length(min = 1, max = 63), regex(pattern = SERVICE_NAME_PATTERN))]
     pub service: String,
-    /// The Service port, by number or by name.
+    /// The Service port, by number (1-65535) or by name.
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": PORT_RULE,
+        "message": "port must be a number in 1-65535 or a port name",
+    }]))]
     pub port: PortRef,
     /// Replaces the matched path prefix (or the whole path for `Exact`) before forwarding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024), regex(pattern = REWRITE_PATTERN))]
     pub rewrite_path: Option<String>,
 }
 
@@ -323,10 +347,64 @@ pub struct SseRouteStatus {
     pub observed_generation: Option<i64>,
     /// `Accepted`, `ResolvedRefs` and `Ready`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Ready endpoints summed over the route's rules.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_endpoints: Option<u32>,
+}
+
+/// The CustomResourceDefinition of [`SseRoute`] as the YAML committed in
+/// `crds/sseroutes.ssegate.io.yaml` (what `ssegate crdgen` prints).
+///
+/// The schema is derived from the Rust types, then made friendlier to the API server in one
+/// generic pass: unsigned integer formats (`uint32`, which Kubernetes does not know) become
+/// integer `minimum`/`maximum` bounds, so new fields get the same treatment without code here.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let mut crd = serde_json::to_value(SseRoute::crd()).expect("the CRD serializes");
+    kubernetes_friendly_schema(&mut crd);
+    let body = serde_yaml::to_string(&crd).expect("the CRD serializes as YAML");
+    format!(
+        "# Generated from src/api.rs by `ssegate crdgen`; do not edit (CI checks it is fresh).\n{body}"
+    )
+}
+
+/// Rewrites schemars output the API server would ignore or print oddly: `format: uintN`
+/// becomes integer bounds, float bounds on integers become integers.
+fn kubernetes_friendly_schema(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let max = match map.get("format").and_then(Value::as_str) {
+                Some("uint8") => Some(Some(u64::from(u8::MAX))),
+                Some("uint16") => Some(Some(u64::from(u16::MAX))),
+                Some("uint32") => Some(Some(u64::from(u32::MAX))),
+                Some("uint64" | "uint") => Some(None),
+                _ => None,
+            };
+            if let Some(max) = max {
+                map.remove("format");
+                map.insert("minimum".into(), 0.into());
+                if let Some(max) = max {
+                    map.insert("maximum".into(), max.into());
+                }
+            }
+            if map.get("type").and_then(Value::as_str) == Some("integer") {
+                for bound in ["minimum", "maximum"] {
+                    if let Some(f) = map.get(bound).and_then(Value::as_f64)
+                        && f.fract() == 0.0
+                        && map.get(bound).is_some_and(|b| !b.is_i64() && !b.is_u64())
+                    {
+                        map.insert(bound.into(), (f as i64).into());
+                    }
+                }
+            }
+            map.values_mut().for_each(kubernetes_friendly_schema);
+        }
+        Value::Array(items) => items.iter_mut().for_each(kubernetes_friendly_schema),
+        _ => {}
+    }
 }
 
 /// A duration written the Kubernetes/Go way: `15s`, `250ms`, `1m30s`, `1.5h`, `0s`.
@@ -529,6 +607,148 @@ mod tests {
         assert_eq!(p("http").unwrap(), PortRef::Name("http".into()));
         assert_eq!(p("'8080'").unwrap(), PortRef::Number(8080));
         assert!(p("[1]").is_err());
+    }
+
+    /// The committed CRD is what the types generate (regenerate with
+    /// `cargo run -- crdgen > crds/sseroutes.ssegate.io.yaml`).
+    #[test]
+    fn committed_crd_is_fresh() {
+        let committed = include_str!("../crds/sseroutes.ssegate.io.yaml");
+        assert!(
+            committed == crd_yaml(),
+            "crds/sseroutes.ssegate.io.yaml is stale: run `cargo run -- crdgen > crds/sseroutes.ssegate.io.yaml`"
+        );
+    }
+
+    fn schema() -> serde_json::Value {
+        let crd: serde_json::Value = serde_yaml::from_str(&crd_yaml()).unwrap();
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+    }
+
+    /// Every `x-kubernetes-validations` rule in the schema, with its subschema.
+    fn cel_rules(v: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
+        if let Some(rules) = v.get("x-kubernetes-validations").and_then(|r| r.as_array()) {
+            for r in rules {
+                out.push((r["rule"].as_str().unwrap().to_string(), v.clone()));
+            }
+        }
+        match v {
+            serde_json::Value::Object(m) => m.values().for_each(|c| cel_rules(c, out)),
+            serde_json::Value::Array(a) => a.iter().for_each(|c| cel_rules(c, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn crd_cel_rules_compile_within_the_cost_budget() {
+        let mut rules = Vec::new();
+        cel_rules(&schema(), &mut rules);
+        assert!(!rules.is_empty());
+        for (rule, sub) in rules {
+            let compiled = kube_cel::compile_schema(&sub);
+            assert!(
+                !compiled.has_errors(),
+                "{rule}: {:?}",
+                compiled.compilation_errors()
+            );
+            let warnings = kube_cel::estimate_rule_cost(&rule, &compiled);
+            assert!(warnings.is_empty(), "{rule}: {warnings:?}");
+        }
+    }
+
+    /// The port rule's two branches, evaluated with CEL. (kube-cel has no `type()`, so the
+    /// guard is replaced by its value for each sample; the API server evaluates it as is.)
+    #[test]
+    fn crd_port_rule_admits_numbers_in_range_and_names() {
+        use kube_cel::cel::{Context, Program, Value};
+        let guard = "type(self) == int";
+        assert!(PORT_RULE.starts_with(guard), "{PORT_RULE}");
+        let check = |port: Value| {
+            let is_int = matches!(port, Value::Int(_));
+            let rule = PORT_RULE.replacen(guard, if is_int { "true" } else { "false" }, 1);
+            let mut ctx = Context::default();
+            ctx.add_variable_from_value("self", port);
+            Program::compile(&rule).unwrap().execute(&ctx).unwrap() == Value::Bool(true)
+        };
+        let s = |v: &str| Value::String(std::sync::Arc::new(v.to_string()));
+        for good in [
+            Value::Int(8080),
+            Value::Int(1),
+            Value::Int(65535),
+            s("http"),
+            s("8080"),
+        ] {
+            assert!(check(good.clone()), "{good:?}");
+        }
+        for bad in [
+            Value::Int(0),
+            Value::Int(65536),
+            Value::Int(-1),
+            s(""),
+            s("a-very-long-port-name"),
+        ] {
+            assert!(!check(bad.clone()), "{bad:?}");
+        }
+    }
+
+    /// The schema's patterns admit exactly what the parsers and `compile` admit, on samples.
+    #[test]
+    fn crd_patterns_agree_with_the_code() {
+        let re = |p: &str| regex::Regex::new(p).unwrap();
+        let duration = re(Duration::PATTERN);
+        for s in [
+            "0", "0s", "15s", "250ms", "1m30s", "1.5h", "", "15", "1x", "-1s", ".5s", "1 s",
+        ] {
+            assert_eq!(
+                duration.is_match(s),
+                s.parse::<Duration>().is_ok(),
+                "duration {s:?}"
+            );
+        }
+        let host = re(HOSTNAME_PATTERN);
+        for h in [
+            "a.example",
+            "*.example.com",
+            "x-1.y",
+            "",
+            "*",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "A.b",
+            "*.*.b",
+            "a_b.c",
+            "a.b:80",
+        ] {
+            let route = crate::routing::tests::route("n", "r")
+                .host(h)
+                .rule("/", "s", 80)
+                .build();
+            let (_, reports) = crate::routing::compile(
+                &crate::source::Snapshot {
+                    routes: vec![route],
+                    ..Default::default()
+                },
+                &crate::routing::CompileOptions::default(),
+                &crate::routing::StateStore::new(crate::metrics::Metrics::new()),
+            );
+            let accepted = reports[0]
+                .condition(crate::status::ACCEPTED)
+                .unwrap()
+                .status;
+            assert_eq!(host.is_match(h), accepted, "hostname {h:?}");
+        }
+        let path = re(PATH_PATTERN);
+        for (p, ok) in [
+            ("/", true),
+            ("/a/b", true),
+            ("a", false),
+            ("/a b", false),
+            ("/a?x", false),
+            ("/a#f", false),
+        ] {
+            assert_eq!(path.is_match(p), ok, "path {p:?}");
+        }
     }
 
     #[test]

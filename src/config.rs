@@ -20,6 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy and its configuration source.
     Run(RunArgs),
+    /// Print the SseRoute CustomResourceDefinition (crds/sseroutes.ssegate.io.yaml) to stdout.
+    Crdgen,
 }
 
 /// Log output format.
@@ -58,8 +60,10 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
         let cli = Cli::try_parse_from(std::iter::once("ssegate").chain(args.iter().copied()))?;
-        let Command::Run(run) = cli.command;
-        Ok(run)
+        match cli.command {
+            Command::Run(run) => Ok(run),
+            Command::Crdgen => panic!("not a run command"),
+        }
     }
 
     #[test]

@@ -52,7 +52,13 @@ async fn shutdown_signal() {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::Crdgen => {
+            print!("{}", ssegate::api::crd_yaml());
+            return std::process::ExitCode::SUCCESS;
+        }
+    };
     init_logging(args.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
