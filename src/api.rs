@@ -94,6 +94,10 @@ pub struct RouteRule {
 /// their endpoint until it disappears or turns unready.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.sticky) == (has(self.policy) && self.policy == 'Sticky')",
+    "message": "sticky is required with policy Sticky and only allowed with it",
+}]))]
 pub struct LoadBalancing {
     /// `RoundRobin` (default), `LeastConnections` or `Sticky`.
     #[serde(default)]
@@ -127,6 +131,10 @@ pub enum BalancePolicy {
 /// `query`, `sourceIP`), and an optional load bound.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(has(self.header) ? 1 : 0) + (has(self.cookie) ? 1 : 0) + (has(self.query) ? 1 : 0) + ((has(self.sourceIP) && self.sourceIP) ? 1 : 0) == 1",
+    "message": "exactly one key source is required: header, cookie, query or sourceIP: true",
+}]))]
 pub struct StickySpec {
     /// A request header, e.g. `X-User-ID`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -688,6 +696,62 @@ mod tests {
             s("a-very-long-port-name"),
         ] {
             assert!(!check(bad.clone()), "{bad:?}");
+        }
+    }
+
+    /// The load-balancing rules agree with what `compile` accepts (Accepted=True).
+    #[test]
+    fn crd_sticky_rules_agree_with_compile() {
+        let schema = schema();
+        for (lb, ok) in [
+            ("{}", true),
+            ("{policy: LeastConnections}", true),
+            ("{policy: Sticky, sticky: {header: x-user}}", true),
+            (
+                "{policy: Sticky, sticky: {sourceIP: true, boundedLoad: 1.5}}",
+                true,
+            ),
+            ("{policy: Sticky}", false),
+            ("{policy: Sticky, sticky: {}}", false),
+            ("{policy: Sticky, sticky: {sourceIP: false}}", false),
+            (
+                "{policy: Sticky, sticky: {header: x-a, cookie: sid}}",
+                false,
+            ),
+            ("{policy: RoundRobin, sticky: {header: x-a}}", false),
+            ("{sticky: {header: x-a}}", false),
+        ] {
+            let lb: serde_json::Value = serde_yaml::from_str(lb).unwrap();
+            let obj = serde_json::json!({
+                "apiVersion": API_VERSION, "kind": "SseRoute",
+                "metadata": {"name": "r", "namespace": "n"},
+                "spec": {"rules": [{"match": {"path": "/a"}, "backend": {"service": "s", "port": 80},
+                                    "loadBalancing": lb}]},
+            });
+            // The port rule is tested on its own (kube-cel cannot evaluate its `type()`).
+            let errors: Vec<_> = match kube_cel::validate(&schema, &obj, None) {
+                Ok(()) => vec![],
+                Err(e) => e
+                    .into_vec()
+                    .into_iter()
+                    .filter(|e| e.rule != PORT_RULE)
+                    .collect(),
+            };
+            assert_eq!(errors.is_empty(), ok, "{lb}: {errors:?}");
+            let route: SseRoute = serde_json::from_value(obj).unwrap();
+            let (_, reports) = crate::routing::compile(
+                &crate::source::Snapshot {
+                    routes: vec![route],
+                    ..Default::default()
+                },
+                &crate::routing::CompileOptions::default(),
+                &crate::routing::StateStore::new(crate::metrics::Metrics::new()),
+            );
+            let accepted = reports[0]
+                .condition(crate::status::ACCEPTED)
+                .unwrap()
+                .status;
+            assert_eq!(accepted, ok, "{lb}: compile disagrees");
         }
     }
 
