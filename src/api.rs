@@ -42,6 +42,7 @@ pub const PORT_RULE: &str =
     shortname = "ssr",
     namespaced,
     doc = "Routes Server-Sent Events streams for a set of hostnames to Services.",
+    derive = "PartialEq",
     status = "SseRouteStatus",
     printcolumn = r#"{"name":"Hosts","type":"string","jsonPath":".spec.hostnames"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,

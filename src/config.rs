@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::api::Duration;
+
 /// ssegate: a Kubernetes-native ingress controller for Server-Sent Events.
 #[derive(Debug, Parser)]
 #[command(name = "ssegate", version, about)]
@@ -16,6 +18,8 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// Parsed once per process: the size of the value does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy and its configuration source.
@@ -52,6 +56,51 @@ pub struct RunArgs {
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "SSEGATE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Cluster mode: watch only this namespace (default: all namespaces).
+    #[arg(long, env = "SSEGATE_NAMESPACE", value_name = "NS")]
+    pub namespace: Option<String>,
+    /// Cluster mode: name of the leader-election Lease [default: <class>-leader].
+    #[arg(long, env = "SSEGATE_LEASE_NAME", value_name = "NAME")]
+    pub lease_name: Option<String>,
+    /// Cluster mode: namespace of the Lease [default: the namespace of the pod, or of the
+    /// kubeconfig context].
+    #[arg(long, env = "SSEGATE_LEASE_NAMESPACE", value_name = "NS")]
+    pub lease_namespace: Option<String>,
+    /// Cluster mode: a leader that stops renewing is replaced after this long.
+    #[arg(long, env = "SSEGATE_LEASE_DURATION", default_value = "15s")]
+    pub lease_duration: Duration,
+    /// Cluster mode: a leader that cannot renew for this long stops writing statuses
+    /// (less than --lease-duration).
+    #[arg(long, env = "SSEGATE_LEASE_RENEW_DEADLINE", default_value = "10s")]
+    pub lease_renew_deadline: Duration,
+    /// Cluster mode: how often the Lease is renewed or checked (less than --lease-renew-deadline).
+    #[arg(long, env = "SSEGATE_LEASE_RETRY_PERIOD", default_value = "2s")]
+    pub lease_retry_period: Duration,
+    /// Cluster mode: this replica's identity in the Lease, unique per replica
+    /// [default: <hostname>-<pid>].
+    #[arg(long, env = "SSEGATE_IDENTITY", value_name = "ID")]
+    pub identity: Option<String>,
+}
+
+impl RunArgs {
+    /// Checks the flags that depend on each other.
+    pub fn validate(&self) -> Result<(), String> {
+        let (d, r, p) = (
+            self.lease_duration.get(),
+            self.lease_renew_deadline.get(),
+            self.lease_retry_period.get(),
+        );
+        if p.is_zero() || !(p < r && r < d) {
+            return Err(format!(
+                "need 0 < --lease-retry-period ({}) < --lease-renew-deadline ({}) < --lease-duration ({})",
+                self.lease_retry_period, self.lease_renew_deadline, self.lease_duration
+            ));
+        }
+        if d.as_secs() < 1 {
+            return Err("--lease-duration must be at least 1s (Leases count whole seconds)".into());
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -96,6 +145,50 @@ mod tests {
         assert_eq!(a.admin.port(), 2);
         assert_eq!(a.log_format, LogFormat::Json);
         assert_eq!(a.class, "c");
+    }
+
+    #[test]
+    fn cluster_flags() {
+        let a = parse(&["run"]).unwrap();
+        assert_eq!(a.config, None);
+        assert_eq!(a.namespace, None);
+        assert_eq!(a.lease_duration, Duration::from_secs(15));
+        assert_eq!(a.lease_renew_deadline, Duration::from_secs(10));
+        assert_eq!(a.lease_retry_period, Duration::from_secs(2));
+        assert!(a.validate().is_ok());
+        let a = parse(&[
+            "run",
+            "--namespace",
+            "apps",
+            "--lease-name",
+            "l",
+            "--lease-namespace",
+            "sys",
+            "--lease-duration",
+            "3s",
+            "--lease-renew-deadline",
+            "2s",
+            "--lease-retry-period",
+            "500ms",
+            "--identity",
+            "pod-1",
+        ])
+        .unwrap();
+        assert_eq!(a.namespace.as_deref(), Some("apps"));
+        assert_eq!(a.lease_name.as_deref(), Some("l"));
+        assert_eq!(a.lease_namespace.as_deref(), Some("sys"));
+        assert_eq!(a.lease_retry_period, Duration::from_millis(500));
+        assert_eq!(a.identity.as_deref(), Some("pod-1"));
+        assert!(a.validate().is_ok());
+        let e = parse(&["run", "--lease-duration", "5s"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(
+            e.contains("--lease-renew-deadline (10s) < --lease-duration (5s)"),
+            "{e}"
+        );
+        assert!(parse(&["run", "--lease-duration", "5"]).is_err());
     }
 
     #[test]

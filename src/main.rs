@@ -2,10 +2,12 @@
 
 use std::io::IsTerminal;
 
+use anyhow::Context;
 use clap::Parser;
 use ssegate::config::{Cli, Command, LogFormat, RunArgs};
+use ssegate::leader::LeaseConfig;
 use ssegate::routing::CompileOptions;
-use ssegate::server::{ServerConfig, start_standalone};
+use ssegate::server::{ClusterConfig, ServerConfig, start_cluster, start_standalone};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat) {
@@ -21,24 +23,60 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let Some(dir) = args.config else {
-        anyhow::bail!(
-            "no --config DIR given: this build serves standalone configuration only \
-             (watching a Kubernetes API server is not available yet)"
-        );
-    };
     let cfg = ServerConfig {
         listen: args.listen,
         admin: args.admin,
-        compile: CompileOptions { class: args.class },
+        compile: CompileOptions {
+            class: args.class.clone(),
+        },
         ..ServerConfig::default()
     };
-    let mut running = start_standalone(dir, cfg).await?;
+    let mut running = match args.config.clone() {
+        Some(dir) => start_standalone(dir, cfg).await?,
+        None => {
+            args.validate().map_err(anyhow::Error::msg)?;
+            let client = kube::Client::try_default().await.context(
+                "no --config DIR given, and no Kubernetes API server configuration found \
+                 (in-cluster service account or KUBECONFIG)",
+            )?;
+            let lease_namespace = args
+                .lease_namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_string());
+            let cluster = ClusterConfig {
+                namespace: args.namespace.clone(),
+                lease: LeaseConfig {
+                    name: args
+                        .lease_name
+                        .clone()
+                        .unwrap_or_else(|| format!("{}-leader", args.class)),
+                    namespace: lease_namespace,
+                    identity: args.identity.clone().unwrap_or_else(default_identity),
+                    duration: args.lease_duration.get(),
+                    renew_deadline: args.lease_renew_deadline.get(),
+                    retry_period: args.lease_retry_period.get(),
+                },
+            };
+            start_cluster(client, cluster, cfg).await?
+        }
+    };
     tokio::select! {
         _ = running.wait() => anyhow::bail!("a server task stopped unexpectedly"),
         _ = shutdown_signal() => tracing::info!("shutting down"),
     }
+    running.shutdown().await;
     Ok(())
+}
+
+/// `<hostname>-<pid>`: unique per process on a machine, stable for its lifetime.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "ssegate".into());
+    format!("{host}-{}", std::process::id())
 }
 
 async fn shutdown_signal() {

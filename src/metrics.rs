@@ -40,6 +40,9 @@ pub struct Metrics {
     rejected_total: IntCounterVec,
     config_reloads_total: IntCounterVec,
     routes: IntGauge,
+    leader: IntGauge,
+    status_writes_total: IntCounter,
+    status_write_errors_total: IntCounter,
     balance: Arc<ArcSwap<BalanceView>>,
 }
 
@@ -158,6 +161,29 @@ impl Metrics {
         registry
             .register(Box::new(routes.clone()))
             .expect("unique metric");
+        let leader = IntGauge::new(
+            "ssegate_leader",
+            "1 while this replica holds the leader Lease and writes route statuses (cluster mode).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(leader.clone()))
+            .expect("unique metric");
+        let plain_counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let status_writes_total = plain_counter(
+            "ssegate_status_writes_total",
+            "SseRoute statuses written by this replica (server-side apply).",
+        );
+        let status_write_errors_total = plain_counter(
+            "ssegate_status_write_errors_total",
+            "SseRoute status writes that failed (retried with backoff).",
+        );
         let balance = Arc::new(ArcSwap::from_pointee(BalanceView::new()));
         registry
             .register(Box::new(BalanceCollector {
@@ -180,6 +206,9 @@ impl Metrics {
             rejected_total,
             config_reloads_total,
             routes,
+            leader,
+            status_writes_total,
+            status_write_errors_total,
             balance,
         }
     }
@@ -238,6 +267,20 @@ impl Metrics {
     /// Sets the number of routes being served.
     pub fn set_routes(&self, n: usize) {
         self.routes.set(n as i64);
+    }
+
+    /// Sets whether this replica is the leader.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+
+    /// Counts one status write.
+    pub fn status_write(&self, ok: bool) {
+        if ok {
+            self.status_writes_total.inc();
+        } else {
+            self.status_write_errors_total.inc();
+        }
     }
 
     /// Renders the registry in the Prometheus text format.

@@ -1,9 +1,9 @@
 //! Wiring: listeners, the configuration source, compile and publish.
 //!
 //! [`start_standalone`] is what `ssegate run --config DIR` runs, and what the integration
-//! tests start in-process on ephemeral ports.
+//! tests start in-process on ephemeral ports; [`start_cluster`] is `ssegate run` against an
+//! API server. Both end in the same [`Publisher`].
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,13 +12,18 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::admin::{self, Readiness};
+use crate::leader::{self, LeaseConfig};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxyConfig, SharedTable};
-use crate::routing::{CompileOptions, RouteTable, StateStore, compile};
+use crate::publish::Publisher;
+use crate::routing::{CompileOptions, RouteTable};
 use crate::source::files::{self, LoadError, Loaded};
+use crate::source::kube::{self as kube_source, KubeSourceConfig};
+use crate::status::writer;
 
 /// Settings of a running ssegate.
 #[derive(Clone, Debug)]
@@ -63,6 +68,8 @@ pub struct Running {
     /// The table currently served.
     pub table: SharedTable,
     tasks: JoinSet<()>,
+    /// Cluster mode: tells the leader-election task to release the Lease and stop.
+    shutdown: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
 }
 
 impl Running {
@@ -70,55 +77,41 @@ impl Running {
     pub async fn wait(&mut self) {
         self.tasks.join_next().await;
     }
-}
 
-/// Publishes compiled tables and logs what changed in route reports.
-struct Publisher {
-    table: SharedTable,
-    state: StateStore,
-    opts: CompileOptions,
-    metrics: Metrics,
-    ready: Readiness,
-    last_summaries: HashMap<String, String>,
-}
-
-impl Publisher {
-    fn on_load(&mut self, result: Result<Loaded, Vec<LoadError>>) {
-        let loaded = match result {
-            Ok(l) => l,
-            Err(errors) => {
-                self.metrics.config_reload(false);
-                for e in &errors {
-                    tracing::error!(path = %e.path.display(), reason = %e.reason, "invalid configuration file; keeping the last good routing table");
-                }
-                return;
-            }
-        };
-        let (table, reports) = compile(&loaded.snapshot, &self.opts, &self.state);
-        let routes = table.route_count();
-        self.table.store(Arc::new(table));
-        self.metrics.config_reload(true);
-        self.metrics.set_routes(routes);
-        let mut summaries = HashMap::new();
-        for r in &reports {
-            let key = r.key();
-            let summary = r.summary();
-            if self.last_summaries.get(&key) != Some(&summary) {
-                let path = loaded
-                    .route_origin(&key)
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default();
-                if r.all_ok() {
-                    tracing::info!(route = %key, %path, ready_endpoints = r.ready_endpoints, "route ready");
-                } else {
-                    tracing::warn!(route = %key, %path, status = %summary, "route not fully ready");
-                }
-            }
-            summaries.insert(key, summary);
+    /// Stops gracefully: in cluster mode the leader releases its Lease (bounded wait), so
+    /// another replica takes over without waiting out the lease duration.
+    pub async fn shutdown(mut self) {
+        if let Some((tx, task)) = self.shutdown.take() {
+            tx.send_replace(true);
+            let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
         }
-        self.last_summaries = summaries;
-        tracing::info!(routes, "routing table published");
-        self.ready.set(true);
+        self.tasks.abort_all();
+    }
+}
+
+/// Settings of cluster mode (`ssegate run` without `--config`).
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// Watch one namespace; `None` watches all.
+    pub namespace: Option<String>,
+    /// Leader election.
+    pub lease: LeaseConfig,
+}
+
+/// The standalone source's callback: publish a good load, keep the last table on a bad one.
+fn on_load(publisher: &mut Publisher, result: Result<Loaded, Vec<LoadError>>) {
+    match result {
+        Ok(loaded) => {
+            publisher.publish(&loaded.snapshot, |key| {
+                loaded.route_origin(key).map(|p| p.display().to_string())
+            });
+        }
+        Err(errors) => {
+            publisher.reject();
+            for e in &errors {
+                tracing::error!(path = %e.path.display(), reason = %e.reason, "invalid configuration file; keeping the last good routing table");
+            }
+        }
     }
 }
 
@@ -139,18 +132,16 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
     let proxy_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let mut publisher = Publisher {
-        table: table.clone(),
-        state: StateStore::new(metrics.clone()),
-        opts: cfg.compile.clone(),
-        metrics: metrics.clone(),
-        ready: ready.clone(),
-        last_summaries: HashMap::new(),
-    };
+    let mut publisher = Publisher::new(
+        table.clone(),
+        cfg.compile.clone(),
+        metrics.clone(),
+        ready.clone(),
+    );
     // The first load happens before serving, so the first request sees the configuration.
     // The fingerprint is taken first: a change racing with the load is then seen as a change.
     let fp = files::fingerprint(&dir);
-    publisher.on_load(files::load_dir(&dir));
+    on_load(&mut publisher, files::load_dir(&dir));
 
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
@@ -160,7 +151,7 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
         Some(fp),
         cfg.reload_poll,
         cfg.reload_debounce,
-        move |r| publisher.on_load(r),
+        move |r| on_load(&mut publisher, r),
     ));
     tracing::info!(%proxy_addr, %admin_addr, "ssegate started");
     Ok(Running {
@@ -170,5 +161,76 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
         ready,
         table,
         tasks,
+        shutdown: None,
+    })
+}
+
+/// Starts ssegate against an API server: binds both listeners, then watches the cluster.
+/// Returns at once; `/readyz` turns ready when every watch has listed and the first table is
+/// published. All replicas route; the one holding the Lease writes route statuses.
+pub async fn start_cluster(
+    client: kube::Client,
+    cluster: ClusterConfig,
+    cfg: ServerConfig,
+) -> anyhow::Result<Running> {
+    let metrics = Metrics::new();
+    let ready = Readiness::default();
+    let table: SharedTable = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let admin_listener = TcpListener::bind(cfg.admin)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", cfg.admin))?;
+    let proxy_addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let publisher = Publisher::new(
+        table.clone(),
+        cfg.compile.clone(),
+        metrics.clone(),
+        ready.clone(),
+    );
+    let (status_tx, status_rx) = watch::channel(Arc::new(Vec::new()));
+    let (leader_tx, leader_rx) = watch::channel(false);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
+    tasks.spawn(Arc::new(Proxy::new(table.clone(), cfg.proxy.clone())).serve(listener));
+    tasks.spawn(kube_source::run(
+        client.clone(),
+        KubeSourceConfig {
+            namespace: cluster.namespace.clone(),
+            debounce: cfg.reload_debounce,
+            max_delay: Duration::from_secs(1),
+            class: cfg.compile.class.clone(),
+        },
+        publisher,
+        status_tx,
+    ));
+    tasks.spawn(writer::run(
+        client.clone(),
+        status_rx,
+        leader_rx,
+        metrics.clone(),
+    ));
+    let lease = cluster.lease.clone();
+    let leader_task = tokio::spawn(leader::run(
+        client,
+        cluster.lease,
+        leader_tx,
+        metrics.clone(),
+        shutdown_rx,
+    ));
+    tracing::info!(%proxy_addr, %admin_addr, lease = %format!("{}/{}", lease.namespace, lease.name), identity = %lease.identity, "ssegate started (cluster mode)");
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        metrics,
+        ready,
+        table,
+        tasks,
+        shutdown: Some((shutdown_tx, leader_task)),
     })
 }

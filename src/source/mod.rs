@@ -2,9 +2,11 @@
 //! ssegate routes by.
 //!
 //! - [`files`]: standalone mode, YAML manifests in a directory, re-read when they change.
-//! - A Kubernetes source (reflectors over the API server) produces the same snapshot.
+//! - [`kube`]: cluster mode, API server watches feeding the [`index::ClusterIndex`].
 
 pub mod files;
+pub mod index;
+pub mod kube;
 
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;

@@ -1,9 +1,11 @@
 //! Route status: what [`crate::routing::compile`] found out about each route, as
 //! Gateway-API-style conditions.
 //!
-//! Everything here is pure. A [`RouteReport`] carries no timestamps; turning it into an
-//! [`SseRouteStatus`] takes the previous status and the current time, so a condition's
+//! Everything in this module is pure ([`writer`] does the I/O, on the leader only). A
+//! [`RouteReport`] carries no timestamps; turning it into an [`SseRouteStatus`] takes the previous status and the current time, so a condition's
 //! `lastTransitionTime` only moves when its status actually changes.
+
+pub mod writer;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
