@@ -309,6 +309,29 @@ impl ClientResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+
+    /// Reads to the end of the body: `Ok(rest)` when the body ended cleanly (an SSE client
+    /// then reconnects), `Err` when it was cut off with an error.
+    pub async fn finish(mut self) -> Result<String, String> {
+        let mut acc = String::new();
+        loop {
+            let frame = tokio::time::timeout(
+                PATIENCE,
+                poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)),
+            )
+            .await
+            .expect("body did not end in time");
+            match frame {
+                None => return Ok(acc),
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        acc.push_str(&String::from_utf8_lossy(&data));
+                    }
+                }
+                Some(Err(e)) => return Err(format!("{e} after {acc:?}")),
+            }
+        }
+    }
 }
 
 /// Sends `req` over a fresh TCP connection to `addr`.
