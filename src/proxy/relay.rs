@@ -558,7 +558,13 @@ mod tests {
             ep2.retire();
         });
         let t0 = Instant::now();
-        let end = poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+        // (Bounded, so a lost wake-up fails the test instead of hanging it.)
+        let end = tokio::time::timeout(
+            Duration::from_secs(7200),
+            poll_fn(|cx| body.as_mut().poll_frame(cx)),
+        )
+        .await
+        .expect("the retirement did not wake the idle stream");
         assert!(end.is_none(), "a clean end, not an error");
         assert_eq!(t0.elapsed(), Duration::from_secs(3600));
         assert!(body.is_end_stream());
