@@ -76,6 +76,9 @@ pub struct RouteRule {
     /// `Stream` relays an SSE upstream; `Poll` turns a JSON backend into a stream.
     #[serde(default)]
     pub mode: Mode,
+    /// Settings of `mode: Poll` (defaults apply when unset); refused with `mode: Stream`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll: Option<PollSettings>,
     /// Comment lines sent to the client while the stream is idle.
     #[serde(default)]
     pub keepalive: Keepalive,
@@ -280,6 +283,62 @@ pub enum Mode {
     Stream,
     /// Poll a JSON backend and stream each `list` entry as an event.
     Poll,
+}
+
+/// How a `mode: Poll` rule calls its JSON backend and turns the answers into events.
+///
+/// The backend answers each call with `{"list": [...], "continue": true, "wait": 250,
+/// "next": <cursor>}`; every `list` entry becomes one event, `wait` (milliseconds, or a
+/// duration string such as `"2s"`) is clamped to `[minWait, maxWait]`, and `next` comes back
+/// as `previous` on the following call.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PollSettings {
+    /// Wait between calls when the backend's answer has no `wait` (default `1s`).
+    #[serde(default = "PollSettings::default_default_wait")]
+    pub default_wait: Duration,
+    /// Shortest wait between calls, whatever the backend asks (default `100ms`), so a
+    /// misbehaving backend cannot make ssegate call it in a tight loop.
+    #[serde(default = "PollSettings::default_min_wait")]
+    pub min_wait: Duration,
+    /// Longest wait between calls (default `60s`); also caps a `Retry-After`.
+    #[serde(default = "PollSettings::default_max_wait")]
+    pub max_wait: Duration,
+    /// SSE `event:` type of the events made from `list` entries; empty (the default) sends
+    /// plain `message` events. `error` and `end` are reserved for ssegate's own frames.
+    #[serde(default)]
+    pub event_type: String,
+    /// Send an `event: end` frame when the backend stops continuing (default `true`), so a
+    /// client can tell a finished feed from a dropped connection and close its EventSource.
+    #[serde(default = "PollSettings::default_end_event")]
+    pub end_event: bool,
+}
+
+impl PollSettings {
+    fn default_default_wait() -> Duration {
+        Duration::from_secs(1)
+    }
+    fn default_min_wait() -> Duration {
+        Duration::from_millis(100)
+    }
+    fn default_max_wait() -> Duration {
+        Duration::from_secs(60)
+    }
+    fn default_end_event() -> bool {
+        true
+    }
+}
+
+impl Default for PollSettings {
+    fn default() -> Self {
+        PollSettings {
+            default_wait: Self::default_default_wait(),
+            min_wait: Self::default_min_wait(),
+            max_wait: Self::default_max_wait(),
+            event_type: String::new(),
+            end_event: Self::default_end_event(),
+        }
+    }
 }
 
 /// Keepalive comments sent while a stream is idle.
@@ -607,6 +666,29 @@ mod tests {
         assert_eq!(lc.policy, BalancePolicy::LeastConnections);
         let err = serde_yaml::from_str::<LoadBalancing>("policy: Random").unwrap_err();
         assert!(err.to_string().contains("Random"), "{err}");
+    }
+
+    #[test]
+    fn poll_settings_default_to_the_documented_values() {
+        let spec: SseRouteSpec = serde_yaml::from_str(
+            "rules:\n- match: {path: /n}\n  backend: {service: s, port: 8080}\n  mode: Poll\n  poll: {}\n",
+        )
+        .unwrap();
+        let rule = &spec.rules[0];
+        assert_eq!(rule.mode, Mode::Poll);
+        let poll = rule.poll.clone().unwrap();
+        assert_eq!(poll, PollSettings::default());
+        assert_eq!(poll.default_wait, Duration::from_secs(1));
+        assert_eq!(poll.min_wait, Duration::from_millis(100));
+        assert_eq!(poll.max_wait, Duration::from_secs(60));
+        assert_eq!(poll.event_type, "");
+        assert!(poll.end_event);
+        let partial: PollSettings =
+            serde_yaml::from_str("{minWait: 0s, eventType: order, endEvent: false}").unwrap();
+        assert_eq!(partial.min_wait, Duration::ZERO);
+        assert_eq!(partial.default_wait, Duration::from_secs(1));
+        assert_eq!(partial.event_type, "order");
+        assert!(!partial.end_event);
     }
 
     #[test]

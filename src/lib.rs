@@ -28,6 +28,7 @@ pub mod balance;
 pub mod config;
 pub mod leader;
 pub mod metrics;
+pub mod poll;
 pub mod proxy;
 pub mod publish;
 pub mod routing;

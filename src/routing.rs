@@ -28,6 +28,7 @@ use kube::ResourceExt;
 use crate::api::{BalancePolicy, LoadBalancing, Mode, PathType, PortRef, RouteRule, SseRoute};
 use crate::balance::{Backend, EndpointStore, KeySource, Policy};
 use crate::metrics::{BalanceSource, BalanceView, Metrics, RouteMetrics};
+use crate::poll::PollConfig;
 use crate::source::Snapshot;
 use crate::status::{ACCEPTED, CondState, READY, RESOLVED_REFS, RouteReport};
 
@@ -80,6 +81,8 @@ pub struct Rule {
     pub rewrite: Option<Box<str>>,
     /// Stream or poll.
     pub mode: Mode,
+    /// Poll settings; `Some` exactly when `mode` is `Poll`.
+    pub poll: Option<PollConfig>,
     /// Keepalive interval; `None` disables keepalives.
     pub keepalive: Option<Duration>,
     /// Upstream timeouts.
@@ -323,6 +326,7 @@ pub fn compile(
                     path_type: rule.path_match.path_type,
                     rewrite: rule.backend.rewrite_path.clone().map(Into::into),
                     mode: rule.mode,
+                    poll: poll_config(rule),
                     keepalive: rule.keepalive.interval.non_zero(),
                     timeouts: RuleTimeouts {
                         connect: rule.timeouts.connect.non_zero(),
@@ -496,8 +500,14 @@ fn validate_rule(rule: &RouteRule) -> Result<(), String> {
     {
         return Err(format!("backend.port {n} is not in 1-65535"));
     }
-    if rule.mode == Mode::Poll {
-        return Err("mode Poll is not supported by this ssegate version".into());
+    match (rule.mode, &rule.poll) {
+        (Mode::Poll, Some(settings)) => {
+            PollConfig::from_settings(settings)?;
+        }
+        (Mode::Stream, Some(_)) => {
+            return Err("poll settings are only used with mode: Poll".into());
+        }
+        _ => {}
     }
     balance_policy(&rule.load_balancing).map(drop)
 }
@@ -572,6 +582,16 @@ fn balance_policy(lb: &LoadBalancing) -> Result<Policy, String> {
                 .collect::<Vec<_>>()
                 .join(" and ")
         )),
+    }
+}
+
+/// The poll settings of a validated rule (defaults when unset); `None` for stream rules.
+fn poll_config(rule: &RouteRule) -> Option<PollConfig> {
+    match rule.mode {
+        Mode::Stream => None,
+        Mode::Poll => Some(rule.poll.as_ref().map_or_else(PollConfig::default, |s| {
+            PollConfig::from_settings(s).unwrap_or_default()
+        })),
     }
 }
 
@@ -810,6 +830,7 @@ pub(crate) mod tests {
                     rewrite_path: None,
                 },
                 mode: Mode::Stream,
+                poll: None,
                 keepalive: Keepalive::default(),
                 timeouts: Timeouts::default(),
                 max_connections: 0,
@@ -839,6 +860,13 @@ pub(crate) mod tests {
         }
         pub(crate) fn rewrite(mut self, to: &str) -> Self {
             self.0.spec.rules.last_mut().unwrap().backend.rewrite_path = Some(to.into());
+            self
+        }
+        /// Makes the last rule a poll rule with `settings` (YAML flow map, e.g. `{}`).
+        pub(crate) fn poll(mut self, settings: &str) -> Self {
+            let rule = self.0.spec.rules.last_mut().unwrap();
+            rule.mode = Mode::Poll;
+            rule.poll = Some(serde_yaml::from_str(settings).unwrap());
             self
         }
         pub(crate) fn class(mut self, c: &str) -> Self {
@@ -1342,6 +1370,55 @@ pub(crate) mod tests {
         );
         compile(&snap(vec![]), &CompileOptions::default(), &state);
         assert!(!metrics.render().contains("ssegate_balance_max_over_mean{"));
+    }
+
+    #[test]
+    fn poll_rules_compile_with_their_settings_and_bad_settings_are_refused() {
+        let (t, reports) = compile_all(&snap(vec![
+            route("apps", "p")
+                .rule("/p", "svc", 80)
+                .poll("{defaultWait: 2s, eventType: order}")
+                .rule("/d", "svc", 80)
+                .build(),
+            route("apps", "bad")
+                .rule("/bad", "svc", 80)
+                .poll("{minWait: 5s, defaultWait: 1s}")
+                .build(),
+            {
+                let mut r = route("apps", "stream").rule("/s", "svc", 80).build();
+                r.spec.rules[0].poll = Some(Default::default());
+                r
+            },
+        ]));
+        let p = t.route("h", "/p").unwrap();
+        assert_eq!(p.mode, Mode::Poll);
+        let cfg = p.poll.as_ref().unwrap();
+        assert_eq!(cfg.default_wait, Duration::from_secs(2));
+        assert_eq!(cfg.event_type.as_deref(), Some("order"));
+        assert!(t.route("h", "/d").unwrap().poll.is_none());
+        let by = |n: &str| reports.iter().find(|r| r.name == n).unwrap();
+        assert!(by("p").all_ok(), "{}", by("p").summary());
+        let acc = by("bad").condition(ACCEPTED).unwrap();
+        assert_eq!((acc.status, acc.reason.as_str()), (false, "InvalidRule"));
+        assert!(
+            acc.message
+                .contains("rule 0: poll.defaultWait 1s must be within"),
+            "{}",
+            acc.message
+        );
+        assert!(t.route("h", "/bad").is_none());
+        let acc = by("stream").condition(ACCEPTED).unwrap();
+        assert!(!acc.status && acc.message.contains("only used with mode: Poll"));
+        // A poll rule without settings gets the defaults.
+        let (t, _) = compile_all(&snap(vec![{
+            let mut r = route("apps", "q").rule("/q", "svc", 80).build();
+            r.spec.rules[0].mode = Mode::Poll;
+            r
+        }]));
+        assert_eq!(
+            t.route("h", "/q").unwrap().poll,
+            Some(PollConfig::default())
+        );
     }
 
     #[test]
