@@ -15,7 +15,7 @@ use prometheus::{
 };
 
 /// Every `reason` of `ssegate_upstream_errors_total`.
-pub const UPSTREAM_ERROR_REASONS: [&str; 7] = [
+pub const UPSTREAM_ERROR_REASONS: [&str; 8] = [
     "connect_failed",
     "connect_timeout",
     "first_byte_timeout",
@@ -23,6 +23,23 @@ pub const UPSTREAM_ERROR_REASONS: [&str; 7] = [
     "protocol",
     "reset",
     "idle_timeout",
+    "invalid_response",
+];
+/// Every `outcome` of `ssegate_poll_requests_total`: `success` (2xx with a valid answer),
+/// `no_content` (204: the feed is over), `retry` (429/503 with `Retry-After`, called again),
+/// `http_error` (any other status), `invalid_response` (not the JSON protocol), and the
+/// transport failures of [`UPSTREAM_ERROR_REASONS`].
+pub const POLL_OUTCOMES: [&str; 10] = [
+    "success",
+    "no_content",
+    "retry",
+    "http_error",
+    "invalid_response",
+    "connect_failed",
+    "connect_timeout",
+    "first_byte_timeout",
+    "no_endpoints",
+    "protocol",
 ];
 /// Every `reason` of `ssegate_rejected_total`.
 pub const REJECT_REASONS: [&str; 2] = ["over_capacity", "bad_request"];
@@ -39,6 +56,7 @@ pub struct Metrics {
     upstream_errors_total: IntCounterVec,
     rejected_total: IntCounterVec,
     config_reloads_total: IntCounterVec,
+    poll_requests_total: IntCounterVec,
     routes: IntGauge,
     leader: IntGauge,
     status_writes_total: IntCounter,
@@ -142,6 +160,13 @@ impl Metrics {
             "Configuration loads, by result (success, failure).",
             &["result"],
         );
+        let poll_requests_total = counter(
+            "ssegate_poll_requests_total",
+            "Backend calls of poll-mode routes, per route and outcome (success, no_content, \
+             retry, http_error, invalid_response, connect_failed, connect_timeout, \
+             first_byte_timeout, no_endpoints, protocol).",
+            &["route", "outcome"],
+        );
         let connections_active = IntGaugeVec::new(
             Opts::new(
                 "ssegate_connections_active",
@@ -205,6 +230,7 @@ impl Metrics {
             upstream_errors_total,
             rejected_total,
             config_reloads_total,
+            poll_requests_total,
             routes,
             leader,
             status_writes_total,
@@ -236,6 +262,7 @@ impl Metrics {
             keepalives_total: self.keepalives_total.with_label_values(l),
             upstream_errors: self.upstream_errors_total.clone(),
             rejected: self.rejected_total.clone(),
+            poll_requests: self.poll_requests_total.clone(),
         }
     }
 
@@ -255,6 +282,11 @@ impl Metrics {
         }
         for reason in REJECT_REASONS {
             let _ = self.rejected_total.remove_label_values(&[route, reason]);
+        }
+        for outcome in POLL_OUTCOMES {
+            let _ = self
+                .poll_requests_total
+                .remove_label_values(&[route, outcome]);
         }
     }
 
@@ -314,6 +346,7 @@ pub struct RouteMetrics {
     pub keepalives_total: IntCounter,
     upstream_errors: IntCounterVec,
     rejected: IntCounterVec,
+    poll_requests: IntCounterVec,
 }
 
 impl RouteMetrics {
@@ -321,6 +354,15 @@ impl RouteMetrics {
     pub fn upstream_error(&self, reason: &'static str) {
         self.upstream_errors
             .with_label_values(&[&self.route, reason])
+            .inc();
+    }
+
+    /// Counts one backend call of a poll route; `outcome` is one of [`POLL_OUTCOMES`]
+    /// (once per call, not per event, so the label lookup is fine).
+    pub fn poll_request(&self, outcome: &'static str) {
+        debug_assert!(POLL_OUTCOMES.contains(&outcome), "{outcome}");
+        self.poll_requests
+            .with_label_values(&[&self.route, outcome])
             .inc();
     }
 
@@ -350,6 +392,11 @@ mod tests {
         assert!(text.contains(
             r#"ssegate_upstream_errors_total{reason="connect_failed",route="apps/feed"} 1"#
         ));
+        r.poll_request("success");
+        assert!(
+            m.render()
+                .contains(r#"ssegate_poll_requests_total{outcome="success",route="apps/feed"} 1"#)
+        );
         m.forget_route("apps/feed");
         assert!(!m.render().contains("apps/feed"));
     }

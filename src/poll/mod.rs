@@ -26,7 +26,7 @@
 //! placement and frame encoding. [`task`] is the I/O half (the response body that runs the
 //! loop).
 
-// pub mod task;
+pub mod task;
 
 use std::borrow::Cow;
 use std::fmt;

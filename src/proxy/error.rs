@@ -52,6 +52,14 @@ pub enum ProxyError {
         /// What hyper saw.
         source: hyper::Error,
     },
+    /// A poll backend's 2xx answer is not the JSON poll protocol (502).
+    #[error("poll backend {backend} sent an invalid answer: {reason}")]
+    InvalidPollResponse {
+        /// `namespace/service:port`.
+        backend: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The request cannot be forwarded as sent (400).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
@@ -65,7 +73,9 @@ impl ProxyError {
             ProxyError::NoEndpoints(_) | ProxyError::OverCapacity { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::InvalidPollResponse { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::FirstByteTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
         }
@@ -85,6 +95,7 @@ impl ProxyError {
             } => "connect_timeout",
             ProxyError::FirstByteTimeout { .. } => "first_byte_timeout",
             ProxyError::Upstream { .. } => "protocol",
+            ProxyError::InvalidPollResponse { .. } => "invalid_response",
             ProxyError::BadRequest(_) => "bad_request",
         }
     }
@@ -97,6 +108,7 @@ impl ProxyError {
                 | ProxyError::Connect { .. }
                 | ProxyError::FirstByteTimeout { .. }
                 | ProxyError::Upstream { .. }
+                | ProxyError::InvalidPollResponse { .. }
         )
     }
 
@@ -162,6 +174,14 @@ mod tests {
                 },
                 504,
                 "first_byte_timeout",
+            ),
+            (
+                ProxyError::InvalidPollResponse {
+                    backend: "b".into(),
+                    reason: "list must be an array".into(),
+                },
+                502,
+                "invalid_response",
             ),
         ];
         for (err, status, label) in cases {

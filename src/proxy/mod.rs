@@ -26,16 +26,20 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::api::Mode;
 use crate::balance::{Endpoint, EndpointLease, KeySource, hash_key};
+use crate::poll::task::PollBody;
 use crate::routing::{RouteTable, Rule};
 use error::ProxyError;
 use relay::{DriveConn, EndpointBody, RelayBody, RelayTimers, StreamGuard};
 
 /// Endpoints tried per request before answering 502.
-const CONNECT_ATTEMPTS: usize = 3;
+pub(crate) const CONNECT_ATTEMPTS: usize = 3;
 
-/// Response body of the proxy: a short generated body, or a relayed upstream body.
-pub type ProxyBody =
-    Either<Full<Bytes>, RelayBody<EndpointBody<DriveConn<UpstreamConn, Incoming>>>>;
+/// Response body of the proxy: a short generated (or passed-through) body, a relayed
+/// upstream body, or the event stream of a poll route.
+pub type ProxyBody = Either<
+    Full<Bytes>,
+    Either<RelayBody<EndpointBody<DriveConn<UpstreamConn, Incoming>>>, PollBody>,
+>;
 
 /// The upstream HTTP/1 connection future driven by [`DriveConn`].
 pub type UpstreamConn = hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Incoming>;
@@ -176,6 +180,22 @@ impl Proxy {
                 }
             }
         };
+        if rule.mode == Mode::Poll {
+            // Every call of the stream is placed with the same session key.
+            let resp = crate::poll::task::serve(req, guard, key, &host, peer, self.config.scheme)
+                .await
+                .map_err(fail)?;
+            return Ok(resp.map(|b| match b {
+                Either::Left(full) => Either::Left(full),
+                Either::Right(poll) => Either::Right(Either::Right(poll)),
+            }))
+            .map(|mut resp| {
+                if let Some(cookie) = set_cookie {
+                    resp.headers_mut().append(header::SET_COOKIE, cookie);
+                }
+                resp
+            });
+        }
         let plan = rule.backend.plan(key, CONNECT_ATTEMPTS);
         let (stream, lease) = connect(&rule, plan).await.map_err(fail)?;
         let upstream_req =
@@ -248,13 +268,16 @@ impl Proxy {
             DriveConn::new(conn, body)
         };
         let body = RelayBody::new(EndpointBody::new(body, lease), sse, timers, guard);
-        Ok(Response::from_parts(parts, Either::Right(body)))
+        Ok(Response::from_parts(
+            parts,
+            Either::Right(Either::Left(body)),
+        ))
     }
 }
 
 /// Connects to the endpoints of `plan` in turn; the first success wins. The returned lease
 /// counts the stream on its endpoint (attempts are counted while they run).
-async fn connect(
+pub(crate) async fn connect(
     rule: &Rule,
     plan: Vec<Arc<Endpoint>>,
 ) -> Result<(TcpStream, EndpointLease), ProxyError> {
@@ -387,7 +410,7 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 }
 
 /// Builds the upstream request: rewritten path, filtered headers, `X-Forwarded-*`.
-fn upstream_request<B: Body>(
+pub(crate) fn upstream_request<B: Body>(
     req: Request<B>,
     rule: &Rule,
     host: &str,
