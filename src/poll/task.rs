@@ -166,7 +166,7 @@ impl PollCtx {
 /// Why sending on a connection failed.
 enum SendError {
     /// The request never left (the connection was already closing): safe to send again.
-    Unsent(Request<Full<Bytes>>, hyper::Error),
+    Unsent(Box<Request<Full<Bytes>>>, hyper::Error),
     Failed(ProxyError),
 }
 
@@ -194,13 +194,13 @@ async fn open(
 async fn exchange(up: &mut Upstream, req: Request<Full<Bytes>>) -> Result<Answer, SendError> {
     let Upstream { sender, conn, .. } = up;
     if let Err(e) = drive(conn, sender.ready()).await {
-        return Err(SendError::Unsent(req, e));
+        return Err(SendError::Unsent(Box::new(req), e));
     }
     let resp = match drive(conn, sender.try_send_request(req)).await {
         Ok(resp) => resp,
         Err(mut e) => {
             return Err(match e.take_message() {
-                Some(req) => SendError::Unsent(req, e.into_error()),
+                Some(req) => SendError::Unsent(Box::new(req), e.into_error()),
                 None => SendError::Failed(upstream_err(e.into_error())),
             });
         }
@@ -304,7 +304,7 @@ async fn call(
             // A reused connection the backend closed meanwhile: once more on a fresh one.
             Err(SendError::Unsent(r, _)) if reused => {
                 reused = false;
-                req = r;
+                req = *r;
                 (up, _lease) = match open(rule, plan.clone()).await {
                     Ok(x) => x,
                     Err(e) => return (Err(e), None),
@@ -672,12 +672,13 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};
 
+    type CallLog = Arc<Mutex<Vec<(Duration, Option<String>)>>>;
     type Script =
         dyn Fn(usize, Option<&Cursor>) -> (Duration, Result<Answer, ProxyError>) + Send + Sync;
 
     /// A backend function: call `n` with its cursor → (delay, answer). Records every call.
     struct Mock {
-        calls: Arc<Mutex<Vec<(Duration, Option<String>)>>>,
+        calls: CallLog,
         script: Arc<Script>,
         start: Instant,
         /// Set when a call in flight is dropped before it answered.
@@ -765,7 +766,7 @@ mod tests {
 
     struct Harness {
         body: PollStream<Mock>,
-        calls: Arc<Mutex<Vec<(Duration, Option<String>)>>>,
+        calls: CallLog,
         cancelled: Arc<AtomicBool>,
         start: Instant,
         rule: Arc<Rule>,
