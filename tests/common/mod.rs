@@ -396,3 +396,151 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Status, headers and body of a [`JsonBackend`] answer.
+type PollReply = (u16, Vec<(String, String)>, String);
+
+/// One call a [`JsonBackend`] received; answer it with [`PollCall::json`] or
+/// [`PollCall::reply`] (dropping it answers 500).
+pub struct PollCall {
+    pub parts: http::request::Parts,
+    pub body: Bytes,
+    /// The proxy's side of the connection the call came on.
+    pub peer: SocketAddr,
+    reply: oneshot::Sender<PollReply>,
+}
+
+impl PollCall {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.parts.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn path_and_query(&self) -> &str {
+        self.parts.uri.path_and_query().unwrap().as_str()
+    }
+    /// A query parameter, percent-decoded.
+    pub fn query(&self, key: &str) -> Option<String> {
+        self.parts.uri.query()?.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == key).then(|| percent_decode(v))
+        })
+    }
+    /// The body as JSON.
+    pub fn json_body(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+    /// Answers `200 application/json` with `body`.
+    pub fn json(self, body: &str) {
+        self.reply(200, &[("content-type", "application/json")], body);
+    }
+    pub fn reply(self, status: u16, headers: &[(&str, &str)], body: &str) {
+        let headers = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let _ = self.reply.send((status, headers, body.to_string()));
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap();
+            out.push(u8::from_str_radix(hex, 16).unwrap());
+            i += 3;
+        } else {
+            out.push(if b[i] == b'+' { b' ' } else { b[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// A real HTTP/1 JSON backend on 127.0.0.1 whose every call is answered by the test.
+pub struct JsonBackend {
+    pub addr: SocketAddr,
+    calls: mpsc::UnboundedReceiver<PollCall>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl JsonBackend {
+    pub async fn start() -> JsonBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (calls_tx, calls) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                let (sock, peer) = listener.accept().await.unwrap();
+                let calls_tx = calls_tx.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let calls_tx = calls_tx.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let (tx, rx) = oneshot::channel();
+                            let _ = calls_tx.send(PollCall {
+                                parts,
+                                body,
+                                peer,
+                                reply: tx,
+                            });
+                            let (status, headers, text) =
+                                rx.await.unwrap_or((500, vec![], "no answer".to_string()));
+                            let mut resp = Response::builder().status(status);
+                            for (k, v) in headers {
+                                resp = resp.header(k, v);
+                            }
+                            Ok::<_, Infallible>(resp.body(Full::new(Bytes::from(text))).unwrap())
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(sock), svc)
+                        .await;
+                });
+            }
+        });
+        JsonBackend {
+            addr,
+            calls,
+            _task: task,
+        }
+    }
+
+    /// The next call (bounded by PATIENCE).
+    pub async fn next_call(&mut self) -> PollCall {
+        tokio::time::timeout(PATIENCE, self.calls.recv())
+            .await
+            .expect("backend got no call")
+            .unwrap()
+    }
+
+    /// A call arriving within `d`, if any.
+    pub async fn call_within(&mut self, d: Duration) -> Option<PollCall> {
+        tokio::time::timeout(d, self.calls.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// Splits an event-stream text into its events (blank-line separated blocks, comments
+/// dropped), each as its lines.
+pub fn events(text: &str) -> Vec<Vec<String>> {
+    text.split("\n\n")
+        .map(|block| {
+            block
+                .lines()
+                .filter(|l| !l.starts_with(':'))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter(|b| !b.is_empty())
+        .collect()
+}
