@@ -11,9 +11,18 @@ use http_body_util::Full;
 
 /// A poll route `/api/stream` → `/api/request` on `svc` (the given backends), ssegate running.
 async fn setup(backends: &[&JsonBackend], poll: &str) -> (ConfigDir, ssegate::server::Running) {
+    setup_with(backends, poll, "").await
+}
+
+/// `setup` with more YAML lines for the rule (indented `      key: value`).
+async fn setup_with(
+    backends: &[&JsonBackend],
+    poll: &str,
+    more: &str,
+) -> (ConfigDir, ssegate::server::Running) {
     let cfg = ConfigDir::new();
     let extra =
-        format!("      mode: Poll\n      poll: {poll}\n      keepalive: {{interval: 0s}}\n");
+        format!("      mode: Poll\n      poll: {poll}\n      keepalive: {{interval: 0s}}\n{more}");
     let yaml = route_yaml("orders", "/api/stream", "svc", &extra)
         .replace("port: 80}", "port: 80, rewritePath: /api/request}");
     cfg.write("route.yaml", &yaml);
@@ -383,6 +392,63 @@ async fn calls_spread_over_endpoints() {
         (2, 2),
         "round robin should alternate endpoints per call"
     );
+    let text = client.await.unwrap().text().await;
+    assert_eq!(events(&text).len(), 5);
+}
+
+/// Answers four calls arriving at `a` or `b` (the last one ends the feed); returns how many
+/// each got.
+async fn serve_four(a: &mut JsonBackend, b: &mut JsonBackend) -> (u32, u32) {
+    let mut seen = (0, 0);
+    for n in 1..=4 {
+        let body = format!(
+            r#"{{"list":[{n}],"continue":{},"wait":0,"next":{n}}}"#,
+            n != 4
+        );
+        tokio::select! {
+            c = a.next_call() => { seen.0 += 1; c.json(&body) }
+            c = b.next_call() => { seen.1 += 1; c.json(&body) }
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn sticky_rules_keep_every_call_of_a_stream_on_one_endpoint() {
+    let mut a = JsonBackend::start().await;
+    let mut b = JsonBackend::start().await;
+    let (_cfg, ss) = setup_with(
+        &[&a, &b],
+        "{minWait: 0s}",
+        "      loadBalancing: {policy: Sticky, sticky: {header: x-user}}\n",
+    )
+    .await;
+    for user in ["alice", "bob", "carol"] {
+        let req = Request::get("/api/stream")
+            .header("host", "h")
+            .header("x-user", user)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let client = tokio::spawn(async move { send(ss.proxy_addr, req).await });
+        let seen = serve_four(&mut a, &mut b).await;
+        assert!(seen == (4, 0) || seen == (0, 4), "{user}: {seen:?}");
+        client.await.unwrap().text().await;
+    }
+}
+
+#[tokio::test]
+async fn least_connections_rules_poll_too() {
+    let mut a = JsonBackend::start().await;
+    let mut b = JsonBackend::start().await;
+    let (_cfg, ss) = setup_with(
+        &[&a, &b],
+        "{minWait: 0s}",
+        "      loadBalancing: {policy: LeastConnections}\n",
+    )
+    .await;
+    let client = tokio::spawn(async move { get(ss.proxy_addr, "h", "/api/stream").await });
+    let (x, y) = serve_four(&mut a, &mut b).await;
+    assert_eq!(x + y, 4);
     let text = client.await.unwrap().text().await;
     assert_eq!(events(&text).len(), 5);
 }
