@@ -386,6 +386,7 @@ def check_schema_rejects():
         ("service.type=Ingress", "service.type"),
         ("tls.defaultCertSecret=noslash", "defaultCertSecret"),
         ("ports.http.containerPort=70000", "containerPort"),
+        ("controller.watchNamespaces={a,b}", "watchNamespaces"),
     ]
     for setting, needle in cases:
         try:
