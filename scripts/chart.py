@@ -176,6 +176,10 @@ def generated():
 
 
 def cmd_generate(_args):
+    # The chart's CRD copies first: manifests/install.yaml is rendered from the chart.
+    for crd in sorted((REPO / "crds").glob("*.yaml")):
+        (CHART / "crds").mkdir(exist_ok=True)
+        (CHART / "crds" / crd.name).write_text(crd.read_text())
     for path, content in generated().items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
