@@ -48,7 +48,6 @@ FOREIGN_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 # the binary on this branch yet, and the work that adds them. `check` fails when one of these has
 # landed (so the entry is removed) and when anything not listed here is missing.
 PENDING_FLAGS = {
-    "namespace": "controller (issue 5): --namespace",
     "listen-tls": "TLS (issue 6)",
     "https-port": "TLS (issue 6)",
     "default-cert-secret": "TLS (issue 6)",
@@ -311,6 +310,10 @@ def expect(label, values, objs, binary_flags):
     if "topologySpreadConstraints" not in pod:
         fail("pods are not spread across nodes")
 
+    # The Lease is where the leader-election Role allows it.
+    if flags.get("lease-namespace") != [NAMESPACE]:
+        fail(f"--lease-namespace must be the release namespace (where the leases Role is): {flags.get('lease-namespace')}")
+
     # RBAC: exactly the rules the controller needs, in the right scope.
     namespaces = values.get("controller", {}).get("watchNamespaces", [])
     sa = deploy["spec"]["template"]["spec"]["serviceAccountName"]
@@ -391,6 +394,7 @@ def check_schema_rejects():
         ("tls.defaultCertSecret=noslash", "defaultCertSecret"),
         ("ports.http.containerPort=70000", "containerPort"),
         ("controller.watchNamespaces={a,b}", "watchNamespaces"),
+        ("leaderElection.leaseDuration=15", "leaseDuration"),
     ]
     for setting, needle in cases:
         try:

@@ -21,7 +21,9 @@ exactly as the rendered Deployment starts it.
    The process environment is otherwise empty except PATH and HOME, so no SSEGATE_* variable of
    the caller leaks in.
 4. ssegate must become ready (/readyz) and stream the demo route's events; the route's status
-   gets Ready=True (written by the elected replica, via the leader-election Lease).
+   gets Ready=True (written by the elected replica), and its Lease is in the release namespace,
+   where the chart's leases Role is. With `--namespace` (namespaced RBAC values) the route lives
+   in that namespace, and a route in another namespace is neither served nor given a status.
 
 Logs: e2e/.work/chart/. Ends with "N passed, M failed".
 """
@@ -145,8 +147,7 @@ def pod_command(deploy):
     return argv, env, addrs
 
 
-def demo_objects(backend_port):
-    ns = "demo"
+def demo_objects(backend_port, ns, path="/ticks"):
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ticks", "namespace": ns},
@@ -156,7 +157,7 @@ def demo_objects(backend_port):
          "addressType": "IPv4", "ports": [{"name": "http", "port": backend_port, "protocol": "TCP"}],
          "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}]},
         {"apiVersion": "ssegate.io/v1alpha1", "kind": "SseRoute", "metadata": {"name": "ticks", "namespace": ns},
-         "spec": {"rules": [{"match": {"path": "/ticks"}, "backend": {"service": "ticks", "port": 80, "rewritePath": "/events"}}]}},
+         "spec": {"rules": [{"match": {"path": path}, "backend": {"service": "ticks", "port": 80, "rewritePath": "/events"}}]}},
     ]
 
 
@@ -198,12 +199,19 @@ def scenario(values):
     backend = spawn("sse-backend", [str(BACKEND), "--listen", f"127.0.0.1:{backend_port}"])
     eventually("the sse-backend listens", lambda: socket.create_connection(("127.0.0.1", backend_port), 1).close() or True,
                proc=("sse-backend", backend))
-    kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump_all(demo_objects(backend_port)))
-    ok("demo Service, EndpointSlice and SseRoute applied")
-
-    # 4. ssegate, as the Deployment runs it.
     (deploy,) = [o for o in objs if o["kind"] == "Deployment"]
     argv, env, addrs = pod_command(deploy)
+    # With --namespace (namespaced RBAC), the route lives in the watched namespace, and a route
+    # elsewhere must not be served.
+    watched = [a.split("=", 1)[1] for a in argv if a.startswith("--namespace=")]
+    ns = watched[0] if watched else "demo"
+    kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump_all(demo_objects(backend_port, ns)))
+    if watched:
+        kubectl("apply", "--validate=false", "-f", "-",
+                stdin=yaml.safe_dump_all(demo_objects(backend_port, "unwatched", "/elsewhere")))
+    ok(f"demo Service, EndpointSlice and SseRoute applied in namespace {ns}")
+
+    # 4. ssegate, as the Deployment runs it.
     (WORK / "ssegate.cmd").write_text(json.dumps({"argv": argv, "env": env}, indent=2))
     if "listen" not in addrs or "admin" not in addrs:
         raise Failed(f"the rendered args set no --listen/--admin address: {argv}")
@@ -237,11 +245,27 @@ def scenario(values):
     ok("GET /ticks streams the backend's events through ssegate")
 
     def status_probe():
-        route = json.loads(kubectl("get", "sseroutes.ssegate.io", "ticks", "-n", "demo", "-o", "json"))
+        route = json.loads(kubectl("get", "sseroutes.ssegate.io", "ticks", "-n", ns, "-o", "json"))
         conds = {c["type"]: c["status"] for c in route.get("status", {}).get("conditions", [])}
         return conds.get("Ready") == "True"
     eventually("the route's status becomes Ready=True", status_probe, proc=proc)
-    ok("SseRoute demo/ticks has Ready=True")
+    ok(f"SseRoute {ns}/ticks has Ready=True")
+
+    if watched:
+        c, r = http_get(addrs["listen"], "/elsewhere", timeout=5)
+        c.close()
+        if r.status != 404:
+            raise Failed(f"a route outside --namespace={ns} is served (status {r.status})")
+        route = json.loads(kubectl("get", "sseroutes.ssegate.io", "ticks", "-n", "unwatched", "-o", "json"))
+        if route.get("status"):
+            raise Failed(f"a route outside --namespace={ns} got a status: {route['status']}")
+        ok(f"a route outside namespace {ns} is neither served nor given a status")
+
+    # The leader-election Lease is where the chart's Role allows it (the release namespace).
+    leases = kubectl("get", "leases.coordination.k8s.io", "-n", chart.NAMESPACE, "-o", "name").split()
+    if not leases:
+        raise Failed(f"no Lease in the release namespace {chart.NAMESPACE} (the chart's Role covers only there)")
+    ok(f"leader-election Lease in namespace {chart.NAMESPACE}: {', '.join(leases)}")
 
 
 def main():
