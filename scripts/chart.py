@@ -54,9 +54,7 @@ PENDING_FLAGS = {
     "h2-max-concurrent-streams": "TLS (issue 6)",
     "h2-keepalive-interval": "TLS (issue 6)",
 }
-PENDING_METRICS = {
-    "ssegate_poll_requests_total": "poll (issue 4)",
-}
+PENDING_METRICS = {}
 
 # The RBAC the controller needs, exactly (issue 5).
 WATCH_RULES = {
