@@ -14,18 +14,27 @@ use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
 
-/// Whether `/readyz` answers 200.
+/// Whether `/readyz` answers 200: the first table is published and no drain has begun.
 #[derive(Clone, Debug, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<(AtomicBool, AtomicBool)>);
 
 impl Readiness {
-    /// Sets readiness.
+    /// Sets readiness (ignored once draining).
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.0.0.store(ready, Ordering::Release);
+    }
+    /// Marks the process as draining: `/readyz` fails from now on, whatever [`Readiness::set`]
+    /// says later.
+    pub fn set_draining(&self) {
+        self.0.1.store(true, Ordering::Release);
+    }
+    /// True once [`Readiness::set_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.0.1.load(Ordering::Acquire)
     }
     /// Current readiness.
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.0.load(Ordering::Acquire) && !self.is_draining()
     }
 }
 
@@ -76,7 +85,12 @@ fn respond<B>(req: &Request<B>, metrics: &Metrics, ready: &Readiness) -> Respons
         "/readyz" => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
-            "not ready\n".into(),
+            if ready.is_draining() {
+                "draining\n"
+            } else {
+                "not ready\n"
+            }
+            .into(),
         ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
@@ -97,5 +111,12 @@ mod tests {
         assert_eq!(respond(&get("/healthz"), &m, &r).status(), 200);
         assert_eq!(respond(&get("/metrics"), &m, &r).status(), 200);
         assert_eq!(respond(&get("/nope"), &m, &r).status(), 404);
+        r.set_draining();
+        assert_eq!(respond(&get("/readyz"), &m, &r).status(), 503);
+        r.set(true);
+        assert!(
+            !r.get(),
+            "a reload must not make a draining process ready again"
+        );
     }
 }

@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy and its configuration source.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the SseRoute CustomResourceDefinition (crds/sseroutes.ssegate.io.yaml) to stdout.
     Crdgen,
 }
@@ -80,6 +80,53 @@ pub struct RunArgs {
     /// [default: <hostname>-<pid>].
     #[arg(long, env = "SSEGATE_IDENTITY", value_name = "ID")]
     pub identity: Option<String>,
+
+    /// Drain: after SIGTERM, how long new streams are still accepted (while endpoint removal
+    /// propagates) before streams start closing. /readyz fails at once.
+    #[arg(long, env = "SSEGATE_DRAIN_DELAY", default_value = "5s")]
+    pub drain_delay: Duration,
+    /// Drain: open streams are closed spread evenly (with jitter) over this window, each
+    /// after a `retry:` hint.
+    #[arg(long, env = "SSEGATE_DRAIN_WINDOW", default_value = "30s")]
+    pub drain_window: Duration,
+    /// Drain: exit at the latest this long after SIGTERM. Keep the pod's
+    /// terminationGracePeriodSeconds a few seconds above it.
+    #[arg(long, env = "SSEGATE_GRACE_PERIOD", default_value = "45s")]
+    pub grace_period: Duration,
+
+    /// Client connections open at once; more are answered 503 with Retry-After (0 = no limit).
+    #[arg(long, env = "SSEGATE_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+    /// Concurrent streams per client IP (IPv6: per /64); more are answered 429 with
+    /// Retry-After (0 = no limit).
+    #[arg(long, env = "SSEGATE_MAX_STREAMS_PER_CLIENT", default_value_t = 0)]
+    pub max_streams_per_client: u32,
+    /// New connections per second per client IP (token bucket; 0 = no limit); over it a
+    /// connection is answered 429 with Retry-After.
+    #[arg(long, env = "SSEGATE_CLIENT_CONNECT_RATE", default_value_t = 0.0)]
+    pub client_connect_rate: f64,
+    /// Connections a client IP may open in a burst before --client-connect-rate applies.
+    #[arg(long, env = "SSEGATE_CLIENT_CONNECT_BURST", default_value_t = 20)]
+    pub client_connect_burst: u32,
+    /// Client IPs whose limit state is kept at most (bounded memory).
+    #[arg(long, env = "SSEGATE_MAX_TRACKED_CLIENTS", default_value_t = 65_536)]
+    pub max_tracked_clients: usize,
+    /// End a client connection that accepts no data for this long (slow or stalled
+    /// reader); 0s = never.
+    #[arg(long, env = "SSEGATE_CLIENT_WRITE_TIMEOUT", default_value = "60s")]
+    pub client_write_timeout: Duration,
+    /// How long a client may take to send its request headers (HTTP/1.1; 0s = no limit).
+    #[arg(long, env = "SSEGATE_HEADER_READ_TIMEOUT", default_value = "10s")]
+    pub header_read_timeout: Duration,
+    /// Largest request head in bytes (request line and headers; at least 8192); larger is
+    /// answered 431.
+    #[arg(long, env = "SSEGATE_MAX_HEADER_BYTES", default_value_t = 32 * 1024,
+          value_parser = clap::value_parser!(u32).range(8192..))]
+    pub max_header_bytes: u32,
+    /// Most request headers (HTTP/1.1); more is answered 431.
+    #[arg(long, env = "SSEGATE_MAX_HEADERS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_headers: u32,
 }
 
 impl RunArgs {
@@ -101,6 +148,33 @@ impl RunArgs {
         }
         Ok(())
     }
+
+    /// The drain settings.
+    pub fn drain(&self) -> crate::server::DrainConfig {
+        crate::server::DrainConfig {
+            delay: self.drain_delay.get(),
+            window: self.drain_window.get(),
+            grace_period: self.grace_period.get(),
+        }
+    }
+
+    /// The proxy settings these flags give.
+    pub fn proxy(&self) -> crate::proxy::ProxyConfig {
+        crate::proxy::ProxyConfig {
+            header_read_timeout: self.header_read_timeout.get(),
+            max_header_bytes: self.max_header_bytes as usize,
+            max_headers: self.max_headers as usize,
+            max_connections: self.max_connections,
+            client_write_timeout: self.client_write_timeout.non_zero(),
+            client_limits: crate::proxy::limits::ClientLimits {
+                max_streams: self.max_streams_per_client,
+                connect_rate: self.client_connect_rate.max(0.0),
+                connect_burst: self.client_connect_burst,
+                max_clients: self.max_tracked_clients,
+            },
+            ..crate::proxy::ProxyConfig::default()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -110,7 +184,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
         let cli = Cli::try_parse_from(std::iter::once("ssegate").chain(args.iter().copied()))?;
         match cli.command {
-            Command::Run(run) => Ok(run),
+            Command::Run(run) => Ok(*run),
             Command::Crdgen => panic!("not a run command"),
         }
     }
@@ -123,6 +197,62 @@ mod tests {
         assert_eq!(a.class, "ssegate");
         assert_eq!(a.log_format, LogFormat::Text);
         assert_eq!(a.config.unwrap(), PathBuf::from("dir"));
+        let d = super::RunArgs::drain(&parse(&["run"]).unwrap());
+        assert_eq!(d, crate::server::DrainConfig::default());
+        let p = parse(&["run"]).unwrap().proxy();
+        let want = crate::proxy::ProxyConfig::default();
+        assert_eq!(p.header_read_timeout, want.header_read_timeout);
+        assert_eq!(p.max_header_bytes, want.max_header_bytes);
+        assert_eq!(p.max_headers, want.max_headers);
+        assert_eq!(p.client_write_timeout, want.client_write_timeout);
+        assert_eq!(p.max_connections, 0);
+        assert_eq!(p.client_limits.max_streams, 0);
+        assert_eq!(p.client_limits.connect_rate, 0.0);
+    }
+
+    #[test]
+    fn reliability_flags() {
+        let a = parse(&[
+            "run",
+            "--drain-delay",
+            "1s",
+            "--drain-window",
+            "2m",
+            "--grace-period",
+            "150s",
+            "--max-connections",
+            "1000",
+            "--max-streams-per-client",
+            "8",
+            "--client-connect-rate",
+            "2.5",
+            "--client-connect-burst",
+            "5",
+            "--client-write-timeout",
+            "0s",
+            "--header-read-timeout",
+            "3s",
+            "--max-header-bytes",
+            "16384",
+            "--max-headers",
+            "50",
+        ])
+        .unwrap();
+        let d = a.drain();
+        assert_eq!(d.delay, std::time::Duration::from_secs(1));
+        assert_eq!(d.window, std::time::Duration::from_secs(120));
+        assert_eq!(d.grace_period, std::time::Duration::from_secs(150));
+        let p = a.proxy();
+        assert_eq!(p.max_connections, 1000);
+        assert_eq!(p.client_limits.max_streams, 8);
+        assert_eq!(p.client_limits.connect_rate, 2.5);
+        assert_eq!(p.client_limits.connect_burst, 5);
+        assert_eq!(p.client_write_timeout, None);
+        assert_eq!(p.header_read_timeout, std::time::Duration::from_secs(3));
+        assert_eq!(p.max_header_bytes, 16384);
+        assert_eq!(p.max_headers, 50);
+        assert!(parse(&["run", "--max-header-bytes", "100"]).is_err());
+        assert!(parse(&["run", "--drain-window", "soon"]).is_err());
     }
 
     #[test]

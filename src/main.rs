@@ -23,9 +23,11 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let drain = args.drain();
     let cfg = ServerConfig {
         listen: args.listen,
         admin: args.admin,
+        proxy: args.proxy(),
         compile: CompileOptions {
             class: args.class.clone(),
         },
@@ -62,7 +64,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     tokio::select! {
         _ = running.wait() => anyhow::bail!("a server task stopped unexpectedly"),
-        _ = shutdown_signal() => tracing::info!("shutting down"),
+        _ = shutdown_signal() => tracing::info!("shutdown signal: draining"),
+    }
+    // A second signal skips the rest of the drain.
+    tokio::select! {
+        _ = running.drain(drain) => {}
+        _ = shutdown_signal() => tracing::warn!("second shutdown signal: exiting now"),
     }
     running.shutdown().await;
     Ok(())
@@ -91,7 +98,7 @@ async fn shutdown_signal() {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
-        Command::Run(args) => args,
+        Command::Run(args) => *args,
         Command::Crdgen => {
             print!("{}", ssegate::api::crd_yaml());
             return std::process::ExitCode::SUCCESS;

@@ -42,7 +42,11 @@ pub const POLL_OUTCOMES: [&str; 10] = [
     "protocol",
 ];
 /// Every `reason` of `ssegate_rejected_total`.
-pub const REJECT_REASONS: [&str; 2] = ["over_capacity", "bad_request"];
+pub const REJECT_REASONS: [&str; 3] = ["over_capacity", "bad_request", "client_streams"];
+/// Every `reason` of `ssegate_client_disconnects_total`.
+pub const CLIENT_DISCONNECT_REASONS: [&str; 1] = ["write_timeout"];
+/// Every `reason` of `ssegate_connections_rejected_total`.
+pub const CONNECTION_REJECT_REASONS: [&str; 2] = ["max_connections", "client_rate"];
 
 /// All of ssegate's metric families and the registry they are registered in.
 #[derive(Clone)]
@@ -57,6 +61,9 @@ pub struct Metrics {
     rejected_total: IntCounterVec,
     config_reloads_total: IntCounterVec,
     poll_requests_total: IntCounterVec,
+    client_disconnects_total: IntCounterVec,
+    connections_rejected_total: IntCounterVec,
+    drain_streams_remaining: IntGauge,
     routes: IntGauge,
     leader: IntGauge,
     status_writes_total: IntCounter,
@@ -167,6 +174,17 @@ impl Metrics {
              first_byte_timeout, no_endpoints, protocol).",
             &["route", "outcome"],
         );
+        let client_disconnects_total = counter(
+            "ssegate_client_disconnects_total",
+            "Streams ended by ssegate because of the client, per route and reason \
+             (write_timeout: the client accepted no data for --client-write-timeout).",
+            &["route", "reason"],
+        );
+        let connections_rejected_total = counter(
+            "ssegate_connections_rejected_total",
+            "Client connections refused at accept, by reason (max_connections, client_rate).",
+            &["reason"],
+        );
         let connections_active = IntGaugeVec::new(
             Opts::new(
                 "ssegate_connections_active",
@@ -220,8 +238,19 @@ impl Metrics {
                     .collect(),
             }))
             .expect("unique metric");
+        let drain_streams_remaining = IntGauge::new(
+            "ssegate_drain_streams_remaining",
+            "While draining after SIGTERM: streams still open; 0 otherwise.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(drain_streams_remaining.clone()))
+            .expect("unique metric");
         Metrics {
             registry,
+            client_disconnects_total,
+            connections_rejected_total,
+            drain_streams_remaining,
             connections_active,
             connections_total,
             events_total,
@@ -263,6 +292,7 @@ impl Metrics {
             upstream_errors: self.upstream_errors_total.clone(),
             rejected: self.rejected_total.clone(),
             poll_requests: self.poll_requests_total.clone(),
+            client_disconnects: self.client_disconnects_total.clone(),
         }
     }
 
@@ -288,12 +318,29 @@ impl Metrics {
                 .poll_requests_total
                 .remove_label_values(&[route, outcome]);
         }
+        for reason in CLIENT_DISCONNECT_REASONS {
+            let _ = self
+                .client_disconnects_total
+                .remove_label_values(&[route, reason]);
+        }
     }
 
     /// Counts one configuration load.
     pub fn config_reload(&self, ok: bool) {
         let result = if ok { "success" } else { "failure" };
         self.config_reloads_total.with_label_values(&[result]).inc();
+    }
+
+    /// Counts a client connection refused at accept (`max_connections`, `client_rate`).
+    pub fn connection_rejected(&self, reason: &'static str) {
+        self.connections_rejected_total
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    /// Sets `ssegate_drain_streams_remaining`.
+    pub fn set_drain_streams_remaining(&self, n: usize) {
+        self.drain_streams_remaining.set(n as i64);
     }
 
     /// Sets the number of routes being served.
@@ -347,6 +394,7 @@ pub struct RouteMetrics {
     upstream_errors: IntCounterVec,
     rejected: IntCounterVec,
     poll_requests: IntCounterVec,
+    client_disconnects: IntCounterVec,
 }
 
 impl RouteMetrics {
@@ -363,6 +411,13 @@ impl RouteMetrics {
         debug_assert!(POLL_OUTCOMES.contains(&outcome), "{outcome}");
         self.poll_requests
             .with_label_values(&[&self.route, outcome])
+            .inc();
+    }
+
+    /// Counts a stream ended because of the client (e.g. `write_timeout`).
+    pub fn client_disconnect(&self, reason: &'static str) {
+        self.client_disconnects
+            .with_label_values(&[&self.route, reason])
             .inc();
     }
 

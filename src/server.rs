@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use crate::admin::{self, Readiness};
 use crate::leader::{self, LeaseConfig};
 use crate::metrics::Metrics;
+use crate::proxy::drain::Drain;
 use crate::proxy::{Proxy, ProxyConfig, SharedTable};
 use crate::publish::Publisher;
 use crate::routing::{CompileOptions, RouteTable};
@@ -67,15 +68,100 @@ pub struct Running {
     pub ready: Readiness,
     /// The table currently served.
     pub table: SharedTable,
+    /// The drain state shared with the proxy.
+    pub drain: Drain,
     tasks: JoinSet<()>,
     /// Cluster mode: tells the leader-election task to release the Lease and stop.
     shutdown: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+}
+
+/// How a drain proceeds (`--drain-delay`, `--drain-window`, `--grace-period`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainConfig {
+    /// From the signal until streams start closing; new streams are still accepted.
+    pub delay: Duration,
+    /// Closes are spread over this long.
+    pub window: Duration,
+    /// The process exits at the latest this long after the signal.
+    pub grace_period: Duration,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            delay: Duration::from_secs(5),
+            window: Duration::from_secs(30),
+            grace_period: Duration::from_secs(45),
+        }
+    }
+}
+
+impl DrainConfig {
+    /// The window actually used: shortened to 90% of what is left of the grace period after
+    /// the delay, so the last streams close (and their `retry:` hints reach clients) before
+    /// the process has to exit.
+    pub fn effective_window(&self) -> Duration {
+        let room = self.grace_period.saturating_sub(self.delay).mul_f64(0.9);
+        self.window.min(room)
+    }
+}
+
+/// How a drain ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainOutcome {
+    /// Streams open when the drain began.
+    pub streams_at_start: usize,
+    /// Streams still open at exit (non-zero only when the grace period ran out).
+    pub streams_left: usize,
 }
 
 impl Running {
     /// Waits until a task ends (normally never).
     pub async fn wait(&mut self) {
         self.tasks.join_next().await;
+    }
+
+    /// Drains: `/readyz` fails at once; streams are still accepted for `delay`; then the
+    /// listener closes and open streams are closed spread over the window, each after a
+    /// `retry:` hint at an event boundary. Returns when every stream has ended or at the
+    /// grace period, whichever is first; `ssegate_drain_streams_remaining` follows progress.
+    pub async fn drain(&mut self, cfg: DrainConfig) -> DrainOutcome {
+        let started = tokio::time::Instant::now();
+        self.ready.set_draining();
+        let window = cfg.effective_window();
+        let plan = self.drain.begin(cfg.delay, window);
+        self.metrics.set_drain_streams_remaining(plan.streams);
+        tracing::info!(
+            streams = plan.streams,
+            delay = ?cfg.delay,
+            window = ?window,
+            grace_period = ?cfg.grace_period,
+            "draining: /readyz fails; streams will be closed over the drain window"
+        );
+        let deadline = started + cfg.grace_period;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let left = loop {
+            tick.tick().await;
+            let open = self.drain.open_streams();
+            self.metrics.set_drain_streams_remaining(open);
+            let now = tokio::time::Instant::now();
+            if (now >= plan.start && open == 0) || now >= deadline {
+                break open;
+            }
+        };
+        if left > 0 {
+            tracing::warn!(
+                streams = left,
+                "grace period over; exiting with streams open"
+            );
+        } else {
+            tracing::info!(streams = plan.streams, "drained");
+        }
+        DrainOutcome {
+            streams_at_start: plan.streams,
+            streams_left: left,
+        }
     }
 
     /// Stops gracefully: in cluster mode the leader releases its Lease (bounded wait), so
@@ -122,6 +208,7 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
     let metrics = Metrics::new();
     let ready = Readiness::default();
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
+    let drain = Drain::new();
 
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -145,7 +232,15 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
 
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
-    tasks.spawn(Arc::new(Proxy::new(table.clone(), cfg.proxy.clone())).serve(listener));
+    tasks.spawn(
+        Arc::new(Proxy::new(
+            table.clone(),
+            cfg.proxy.clone(),
+            metrics.clone(),
+            drain.clone(),
+        ))
+        .serve(listener),
+    );
     tasks.spawn(files::watch(
         dir,
         Some(fp),
@@ -160,6 +255,7 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
         metrics,
         ready,
         table,
+        drain,
         tasks,
         shutdown: None,
     })
@@ -176,6 +272,7 @@ pub async fn start_cluster(
     let metrics = Metrics::new();
     let ready = Readiness::default();
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
+    let drain = Drain::new();
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -197,7 +294,15 @@ pub async fn start_cluster(
 
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
-    tasks.spawn(Arc::new(Proxy::new(table.clone(), cfg.proxy.clone())).serve(listener));
+    tasks.spawn(
+        Arc::new(Proxy::new(
+            table.clone(),
+            cfg.proxy.clone(),
+            metrics.clone(),
+            drain.clone(),
+        ))
+        .serve(listener),
+    );
     tasks.spawn(kube_source::run(
         client.clone(),
         KubeSourceConfig {
@@ -230,6 +335,7 @@ pub async fn start_cluster(
         metrics,
         ready,
         table,
+        drain,
         tasks,
         shutdown: Some((shutdown_tx, leader_task)),
     })

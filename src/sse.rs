@@ -900,6 +900,75 @@ mod tests {
         }
     }
 
+    /// Property tests: any bytes, any split, against the reference parser. Bounded: a fixed
+    /// number of cases, no persistence files.
+    mod proptests {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        const TOKENS: &[&[u8]] = &[
+            b"data: ",
+            b"data:",
+            b"id: ",
+            b"id:",
+            b"event: ",
+            b"retry: ",
+            b":",
+            b": c",
+            b"\r",
+            b"\n",
+            b"\r\n",
+            b"\n\n",
+            b"x",
+            b"42",
+            b" ",
+            b"\0",
+            b"\xEF\xBB\xBF",
+            b"\xFF",
+        ];
+
+        fn stream() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                vec(any::<u8>(), 0..300),
+                vec(
+                    prop::sample::select(b"dati:evnry \r\n\0\xEF\xBB\xBF".to_vec()),
+                    0..200
+                ),
+                vec(prop::sample::select(TOKENS), 0..80).prop_map(|t| t.concat()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 1024,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn any_bytes_any_split_decode_like_the_reference(
+                s in stream(),
+                cuts in vec(any::<prop::sample::Index>(), 0..24),
+            ) {
+                let r = reference(&s);
+                let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(s.len() + 1)).collect();
+                cuts.sort_unstable();
+                cuts.dedup();
+                let whole = check_pieces(&s, &r, &[]);
+                let split = check_pieces(&s, &r, &cuts);
+                prop_assert_eq!(whole.events(), r.events.len() as u64);
+                prop_assert_eq!(whole.last_event_id(), split.last_event_id());
+                // Wherever the framer says a keepalive is safe, it is.
+                for &p in cuts.iter().chain([s.len()].iter()) {
+                    if r.safe_after[p] && !(p == 0 && s.first() == Some(&0xEF)) {
+                        prop_assert!(injection_harmless(&s, p), "{} at {}", show(&s), p);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn write_event_round_trips() {
         let mut out = BytesMut::new();

@@ -26,6 +26,24 @@ pub enum ProxyError {
         /// The rule's `maxConnections`.
         limit: u32,
     },
+    /// The client already has `--max-streams-per-client` streams open (429 + `Retry-After`).
+    #[error("too many concurrent streams from this client (limit {limit})")]
+    ClientStreams {
+        /// The per-client limit.
+        limit: u32,
+    },
+    /// The client opens connections faster than `--client-connect-rate` (429 + `Retry-After`).
+    #[error("too many new connections from this client; retry in {retry_after_secs} s")]
+    ClientRate {
+        /// Whole seconds until the client may connect again (at least 1).
+        retry_after_secs: u64,
+    },
+    /// `--max-connections` client connections are open (503 + `Retry-After`).
+    #[error("ssegate is at its limit of {limit} client connections")]
+    MaxConnections {
+        /// The global limit.
+        limit: usize,
+    },
     /// Every endpoint tried refused or did not answer the TCP connect (502).
     #[error("cannot connect to {backend}: {reason}")]
     Connect {
@@ -70,8 +88,11 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ProxyError::NoEndpoints(_) | ProxyError::OverCapacity { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
+            ProxyError::NoEndpoints(_)
+            | ProxyError::OverCapacity { .. }
+            | ProxyError::MaxConnections { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ClientStreams { .. } | ProxyError::ClientRate { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
             }
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
@@ -87,6 +108,9 @@ impl ProxyError {
             ProxyError::NoRoute { .. } => "no_route",
             ProxyError::NoEndpoints(_) => "no_endpoints",
             ProxyError::OverCapacity { .. } => "over_capacity",
+            ProxyError::ClientStreams { .. } => "client_streams",
+            ProxyError::ClientRate { .. } => "client_rate",
+            ProxyError::MaxConnections { .. } => "max_connections",
             ProxyError::Connect {
                 timed_out: false, ..
             } => "connect_failed",
@@ -112,6 +136,21 @@ impl ProxyError {
         )
     }
 
+    /// Seconds for the `Retry-After` header: on every 503 and 429.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ProxyError::ClientRate { retry_after_secs } => Some((*retry_after_secs).max(1)),
+            _ if matches!(
+                self.status(),
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+            ) =>
+            {
+                Some(1)
+            }
+            _ => None,
+        }
+    }
+
     /// A short JSON response: `{"error":"no_route","message":"no route for ..."}`.
     pub fn to_response<B: From<Bytes>>(&self) -> Response<B> {
         let body = serde_json::json!({ "error": self.metric_label(), "message": self.to_string() });
@@ -123,8 +162,8 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
-            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if let Some(secs) = self.retry_after_secs() {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
@@ -159,6 +198,16 @@ mod tests {
                 "over_capacity",
             ),
             (
+                ProxyError::ClientStreams { limit: 4 },
+                429,
+                "client_streams",
+            ),
+            (
+                ProxyError::MaxConnections { limit: 10 },
+                503,
+                "max_connections",
+            ),
+            (
                 ProxyError::Connect {
                     backend: "b".into(),
                     reason: "refused".into(),
@@ -184,6 +233,12 @@ mod tests {
                 "invalid_response",
             ),
         ];
+        let rate: Response<Bytes> = ProxyError::ClientRate {
+            retry_after_secs: 7,
+        }
+        .to_response();
+        assert_eq!(rate.status(), 429);
+        assert_eq!(rate.headers()[header::RETRY_AFTER], "7");
         for (err, status, label) in cases {
             assert_eq!(err.status().as_u16(), status);
             assert_eq!(err.metric_label(), label);
@@ -192,7 +247,7 @@ mod tests {
             assert_eq!(v["error"], label);
             assert_eq!(
                 resp.headers().contains_key(header::RETRY_AFTER),
-                status == 503
+                status == 503 || status == 429
             );
         }
     }

@@ -6,7 +6,10 @@
 //! next endpoint on a connect failure), sends the request and relays the response body through
 //! [`relay`]'s wrappers. Errors are classified in [`error::ProxyError`].
 
+pub mod drain;
 pub mod error;
+pub mod io;
+pub mod limits;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -22,13 +25,18 @@ use http_body::Body;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::api::Mode;
 use crate::balance::{Endpoint, EndpointLease, KeySource, hash_key};
+use crate::metrics::Metrics;
 use crate::poll::task::PollBody;
 use crate::routing::{RouteTable, Rule};
+use drain::Drain;
 use error::ProxyError;
+use io::{ConnState, WriteTimeout};
+use limits::{ClientLimiter, ClientLimits, ClientRefusal, ConnectionLimit};
 use relay::{DriveConn, EndpointBody, RelayBody, RelayTimers, StreamGuard};
 
 /// Endpoints tried per request before answering 502.
@@ -52,15 +60,32 @@ pub type SharedTable = Arc<ArcSwap<RouteTable>>;
 pub struct ProxyConfig {
     /// `X-Forwarded-Proto` sent upstream: `http` or `https`.
     pub scheme: &'static str,
-    /// How long a client may take to send request headers.
+    /// How long a client may take to send request headers (HTTP/1.1; slowloris; zero: no
+    /// limit).
     pub header_read_timeout: Duration,
+    /// Largest request head (request line and headers) in bytes, at least 8192: HTTP/1.1
+    /// answers `431`, HTTP/2 refuses the stream.
+    pub max_header_bytes: usize,
+    /// Most request headers (HTTP/1.1); more is answered `431`.
+    pub max_headers: usize,
+    /// Client connections open at once; more are answered `503` (0 = unlimited).
+    pub max_connections: usize,
+    /// End a client connection that accepts no data for this long (`None` = never).
+    pub client_write_timeout: Option<Duration>,
+    /// Per-client-IP limits.
+    pub client_limits: ClientLimits,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
             scheme: "http",
-            header_read_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_connections: 0,
+            client_write_timeout: Some(Duration::from_secs(60)),
+            client_limits: ClientLimits::default(),
         }
     }
 }
@@ -69,54 +94,145 @@ impl Default for ProxyConfig {
 pub struct Proxy {
     table: SharedTable,
     config: ProxyConfig,
+    metrics: Metrics,
+    drain: Drain,
+    clients: Arc<ClientLimiter>,
+    connections: Arc<ConnectionLimit>,
 }
 
 impl Proxy {
-    /// A proxy serving whatever table `table` holds at each request.
-    pub fn new(table: SharedTable, config: ProxyConfig) -> Self {
-        Proxy { table, config }
+    /// A proxy serving whatever table `table` holds at each request; its streams follow
+    /// `drain`, global counters go to `metrics`.
+    pub fn new(table: SharedTable, config: ProxyConfig, metrics: Metrics, drain: Drain) -> Self {
+        Proxy {
+            table,
+            clients: ClientLimiter::new(config.client_limits),
+            connections: ConnectionLimit::new(config.max_connections),
+            config,
+            metrics,
+            drain,
+        }
     }
 
-    /// Serves connections from `listener` until the task is dropped. HTTP/1.1, and HTTP/2
-    /// with prior knowledge, on the same port.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    fn builder(&self) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.config.header_read_timeout);
-        let builder = Arc::new(builder);
+            .header_read_timeout(Some(self.config.header_read_timeout).filter(|t| !t.is_zero()))
+            .max_headers(self.config.max_headers)
+            // The read buffer bounds the request head: beyond it hyper answers 431.
+            .max_buf_size(self.config.max_header_bytes.max(8192))
+            .http2()
+            .max_header_list_size(u32::try_from(self.config.max_header_bytes).unwrap_or(u32::MAX));
+        builder
+    }
+
+    /// Serves connections from `listener`: HTTP/1.1, and HTTP/2 with prior knowledge, on the
+    /// same port. Returns once a drain's window opened (the listener is closed, open
+    /// connections are asked to finish: HTTP/1.1 keep-alive is disabled, HTTP/2 gets GOAWAY)
+    /// and every connection has ended.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let builder = Arc::new(self.builder());
+        let graceful = GracefulShutdown::new();
+        let stop = self.drain.clone();
+        let mut stop = std::pin::pin!(stop.window_opened());
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut stop => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let refusal = match self.connections.admit() {
+                None => Err(ProxyError::MaxConnections {
+                    limit: self.config.max_connections,
+                }),
+                Some(permit) => match self
+                    .clients
+                    .admit_connection(peer.ip(), tokio::time::Instant::now())
+                {
+                    Ok(()) => Ok(permit),
+                    Err(ClientRefusal::Rate(after)) => Err(ProxyError::ClientRate {
+                        retry_after_secs: after.as_secs_f64().ceil() as u64,
+                    }),
+                    Err(ClientRefusal::Streams) => unreachable!("only streams are counted"),
+                },
+            };
+            let state = Arc::new(ConnState::default());
+            let io = TokioIo::new(WriteTimeout::new(
+                stream,
+                self.config.client_write_timeout,
+                state.clone(),
+            ));
+            let permit = match refusal {
+                Ok(permit) => permit,
+                Err(err) => {
+                    // Answered with a short error on the connection, which then closes.
+                    self.metrics.connection_rejected(err.metric_label());
+                    tracing::debug!(%peer, error = %err, "connection refused");
+                    let err = Arc::new(err);
+                    let conn = builder.serve_connection(
+                        io,
+                        hyper::service::service_fn(move |_req| {
+                            let mut resp = err.to_response::<Full<Bytes>>();
+                            resp.headers_mut()
+                                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                            async move { Ok::<_, std::convert::Infallible>(resp) }
+                        }),
+                    );
+                    let conn = graceful.watch(conn.into_owned());
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
                     continue;
                 }
             };
-            let _ = stream.set_nodelay(true);
             let proxy = self.clone();
-            let builder = builder.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let proxy = proxy.clone();
-                    async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
-                });
-                if let Err(e) = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            let service = hyper::service::service_fn(move |req| {
+                let proxy = proxy.clone();
+                let state = state.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(proxy.handle_conn(req, peer, state).await)
                 }
             });
+            let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                }
+                drop(permit);
+            });
         }
+        drop(listener);
+        tracing::info!(
+            connections = graceful.count(),
+            "listener closed for the drain; waiting for open connections"
+        );
+        graceful.shutdown().await;
     }
 
     /// Answers one request: a relayed upstream response or a short JSON error.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-        match self.forward(req, peer).await {
+        self.handle_conn(req, peer, Arc::new(ConnState::default()))
+            .await
+    }
+
+    /// [`Proxy::handle`] for a request on a client connection whose state is `conn`.
+    async fn handle_conn(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        conn: Arc<ConnState>,
+    ) -> Response<ProxyBody> {
+        match self.forward(req, peer, conn).await {
             Ok(resp) => resp,
             Err((err, rule)) => {
                 if let Some(rule) = rule {
@@ -136,6 +252,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        conn_state: Arc<ConnState>,
     ) -> Result<Response<ProxyBody>, (ProxyError, Option<Arc<Rule>>)> {
         let host = request_host(&req).ok_or((ProxyError::BadRequest("missing Host"), None))?;
         let rule = {
@@ -158,6 +275,12 @@ impl Proxy {
                 limit: rule.max_connections,
             })
         })?;
+        let client = self.clients.admit_stream(peer.ip()).map_err(|_| {
+            fail(ProxyError::ClientStreams {
+                limit: self.config.client_limits.max_streams,
+            })
+        })?;
+        let guard = guard.with_client(client).with_conn(conn_state);
         if rule.backend.is_empty() {
             return Err(fail(ProxyError::NoEndpoints(rule.backend.name.clone())));
         }
@@ -267,7 +390,13 @@ impl Proxy {
         } else {
             DriveConn::new(conn, body)
         };
-        let body = RelayBody::new(EndpointBody::new(body, lease), sse, timers, guard);
+        let body = RelayBody::new(
+            EndpointBody::new(body, lease),
+            sse,
+            timers,
+            guard,
+            self.drain.watch(),
+        );
         Ok(Response::from_parts(
             parts,
             Either::Right(Either::Left(body)),
@@ -543,5 +672,159 @@ mod tests {
         h.insert("content-type", HeaderValue::from_static("application/json"));
         h.remove("content-encoding");
         assert!(!is_event_stream(&h));
+    }
+
+    /// Property tests: arbitrary header values and names never panic host parsing,
+    /// hop-by-hop stripping or the upstream request, and the invariants hold.
+    mod proptests {
+        use super::*;
+        use crate::metrics::Metrics;
+        use crate::routing::tests::{route, service, slice};
+        use crate::routing::{CompileOptions, StateStore, compile};
+        use crate::source::Snapshot;
+        use http_body_util::Empty;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        const NAMES: &[&str] = &[
+            "host",
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authorization",
+            "proxy-connection",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "authorization",
+            "cookie",
+            "last-event-id",
+            "accept-encoding",
+            "x-custom",
+        ];
+
+        fn value() -> impl Strategy<Value = HeaderValue> {
+            prop_oneof![
+                vec(any::<u8>(), 0..64),
+                vec(
+                    prop::sample::select(b"ab:[]., 1\t\x80\xFFKeep-Alive".to_vec()),
+                    0..40
+                ),
+                prop::sample::select(NAMES).prop_map(|n| n.as_bytes().to_vec()),
+            ]
+            .prop_filter_map("valid header value", |b| HeaderValue::from_bytes(&b).ok())
+        }
+
+        fn name() -> impl Strategy<Value = HeaderName> {
+            prop_oneof![
+                prop::sample::select(NAMES).prop_map(|n| n.as_bytes().to_vec()),
+                vec(any::<u8>(), 1..20),
+            ]
+            .prop_filter_map("valid header name", |b| HeaderName::from_bytes(&b).ok())
+        }
+
+        fn headers() -> impl Strategy<Value = HeaderMap> {
+            vec((name(), value()), 0..12).prop_map(|kv| {
+                let mut h = HeaderMap::new();
+                for (k, v) in kv {
+                    h.append(k, v);
+                }
+                h
+            })
+        }
+
+        fn path() -> impl Strategy<Value = String> {
+            vec(
+                prop::sample::select(&["/", "a", "%2F", "..", "?", "&", "=", "#", "é", "x"][..]),
+                0..12,
+            )
+            .prop_map(|p| format!("/{}", p.concat()))
+        }
+
+        fn rule() -> Arc<Rule> {
+            let snap = Snapshot {
+                routes: vec![route("apps", "feed").rule("/", "svc", 80).build()],
+                services: vec![service("apps", "svc", &[(None, 80)])],
+                endpoint_slices: vec![slice("apps", "svc", 9000, &[("10.0.0.1", true)])],
+                ..Default::default()
+            };
+            let (table, _) = compile(
+                &snap,
+                &CompileOptions::default(),
+                &StateStore::new(Metrics::new()),
+            );
+            table.route("h", "/").unwrap().clone()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 1024,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn request_host_never_panics_and_normalises(host in value()) {
+                let req = Request::get("/").header(header::HOST, host).body(()).unwrap();
+                if let Some(h) = request_host(&req) {
+                    prop_assert!(!h.bytes().any(|b| b.is_ascii_uppercase()), "{}", h);
+                    prop_assert!(!h.ends_with('.'), "{}", h);
+                }
+            }
+
+            #[test]
+            fn stripping_leaves_no_hop_by_hop_header(mut h in headers()) {
+                let named: Vec<String> = h
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .map(|n| n.trim().to_ascii_lowercase())
+                    .collect();
+                strip_hop_by_hop(&mut h);
+                for n in HOP_BY_HOP.iter() {
+                    prop_assert!(!h.contains_key(n), "{}", n);
+                }
+                prop_assert!(!h.contains_key(header::UPGRADE));
+                for n in named {
+                    prop_assert!(!h.contains_key(n.as_str()), "{}", n);
+                }
+            }
+
+            #[test]
+            fn upstream_request_never_panics_and_keeps_its_invariants(
+                h in headers(),
+                path in path(),
+            ) {
+                let Ok(uri) = path.parse::<http::Uri>() else { return Ok(()) };
+                let mut req = Request::get(uri).body(Empty::<Bytes>::new()).unwrap();
+                let auth = h.get(header::AUTHORIZATION).cloned();
+                *req.headers_mut() = h;
+                let peer: SocketAddr = "192.0.2.7:5555".parse().unwrap();
+                let host = request_host(&req).unwrap_or_else(|| "h".into());
+                match upstream_request(req, &rule(), &host, peer, "http") {
+                    Err(e) => prop_assert_eq!(e.status(), http::StatusCode::BAD_REQUEST),
+                    Ok(up) => {
+                        let h = up.headers();
+                        for n in HOP_BY_HOP.iter() {
+                            prop_assert!(!h.contains_key(n), "{}", n);
+                        }
+                        let xff = h.get("x-forwarded-for").unwrap().to_str().unwrap();
+                        prop_assert!(xff.ends_with("192.0.2.7"), "{}", xff);
+                        prop_assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+                        prop_assert_eq!(h.get(header::ACCEPT_ENCODING).unwrap(), "identity");
+                        prop_assert!(h.contains_key(header::HOST));
+                        // Credentials are the upstream's business: passed through untouched,
+                        // unless the client itself named them hop-by-hop.
+                        if let (Some(a), Some(b)) = (&auth, h.get(header::AUTHORIZATION)) {
+                            prop_assert_eq!(a, b);
+                        }
+                        prop_assert_eq!(up.version(), Version::HTTP_11);
+                    }
+                }
+            }
+        }
     }
 }

@@ -18,15 +18,18 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::{Instant, Sleep};
 
+use super::drain::DrainWatch;
+use super::io::ConnState;
+use super::limits::ClientSlot;
 use crate::balance::EndpointLease;
 use crate::routing::Rule;
-use crate::sse::{Framer, KEEPALIVE};
+use crate::sse::{Framer, KEEPALIVE, write_retry};
 
 /// Boxed error type of proxied bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -145,10 +148,13 @@ impl<B: Body> Body for EndpointBody<B> {
 }
 
 /// Accounts for one open stream on its rule: the rule's connection counter and the route's
-/// `ssegate_connections_active` gauge go down when it is dropped.
+/// `ssegate_connections_active` gauge go down when it is dropped, so does the client's
+/// per-IP stream count, and a stream ended by the client write timeout is counted.
 #[derive(Debug)]
 pub struct StreamGuard {
     rule: Arc<Rule>,
+    client: Option<ClientSlot>,
+    conn: Option<Arc<ConnState>>,
 }
 
 impl StreamGuard {
@@ -161,7 +167,23 @@ impl StreamGuard {
         }
         rule.metrics.connections_active.inc();
         rule.metrics.connections_total.inc();
-        Some(StreamGuard { rule: rule.clone() })
+        Some(StreamGuard {
+            rule: rule.clone(),
+            client: None,
+            conn: None,
+        })
+    }
+
+    /// Also holds the client's per-IP stream slot.
+    pub fn with_client(mut self, slot: ClientSlot) -> Self {
+        self.client = Some(slot);
+        self
+    }
+
+    /// Also watches the client connection (to count a write-timeout disconnect).
+    pub fn with_conn(mut self, conn: Arc<ConnState>) -> Self {
+        self.conn = Some(conn);
+        self
     }
 
     /// The rule this stream runs on.
@@ -174,6 +196,9 @@ impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.rule.active.fetch_sub(1, Ordering::AcqRel);
         self.rule.metrics.connections_active.dec();
+        if self.conn.as_ref().is_some_and(|c| c.write_timed_out()) {
+            self.rule.metrics.client_disconnect("write_timeout");
+        }
     }
 }
 
@@ -198,18 +223,32 @@ pin_project! {
         timers: RelayTimers,
         sleep: Option<Pin<Box<Sleep>>>,
         deadline: Option<Instant>,
+        drain: DrainWatch,
+        // This stream's close instant once a drain began and until it is reached.
+        drain_at: Option<Instant>,
+        drain_noticed: bool,
         last_sent: Instant,
         last_upstream: Instant,
+        // End at the next event boundary (immediately for non-SSE bodies).
         ending: bool,
+        // Send a `retry:` hint before ending (drain).
+        retry_hint: bool,
         done: bool,
         guard: StreamGuard,
     }
 }
 
 impl<B> RelayBody<B> {
-    /// Relays `inner`. With `sse`, the body is framed (events counted, keepalives injected);
-    /// otherwise it is passed through and only the idle and duration limits apply.
-    pub fn new(inner: B, sse: bool, mut timers: RelayTimers, guard: StreamGuard) -> Self {
+    /// Relays `inner`. With `sse`, the body is framed (events counted, keepalives injected,
+    /// closed gracefully by a drain); otherwise it is passed through and only the idle and
+    /// duration limits apply.
+    pub fn new(
+        inner: B,
+        sse: bool,
+        mut timers: RelayTimers,
+        guard: StreamGuard,
+        drain: DrainWatch,
+    ) -> Self {
         if !sse {
             timers.keepalive = None;
         }
@@ -226,12 +265,28 @@ impl<B> RelayBody<B> {
             timers,
             sleep: first.map(|d| Box::pin(tokio::time::sleep_until(now + d))),
             deadline,
+            drain,
+            drain_at: None,
+            drain_noticed: false,
             last_sent: now,
             last_upstream: now,
             ending: false,
+            retry_hint: false,
             done: false,
             guard,
         }
+    }
+}
+
+/// Arms `sleep` (creating it if the stream had no timer) to fire no later than `at`.
+fn arm(sleep: &mut Option<Pin<Box<Sleep>>>, at: Instant) {
+    match sleep {
+        Some(s) => {
+            if at < s.deadline() {
+                s.as_mut().reset(at);
+            }
+        }
+        None => *sleep = Some(Box::pin(tokio::time::sleep_until(at))),
     }
 }
 
@@ -252,6 +307,16 @@ where
             return Poll::Ready(None);
         }
         let metrics = &this.guard.rule.metrics;
+        if *this.ending && (!*this.sse || this.framer.at_boundary()) {
+            *this.done = true;
+            if std::mem::take(this.retry_hint) {
+                let mut hint = BytesMut::with_capacity(32);
+                write_retry(&mut hint, this.drain.retry_hint_ms());
+                metrics.bytes_sent_total.inc_by(hint.len() as u64);
+                return Poll::Ready(Some(Ok(Frame::data(hint.freeze()))));
+            }
+            return Poll::Ready(None);
+        }
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -260,15 +325,30 @@ where
                         if events > 0 {
                             metrics.events_total.inc_by(u64::from(events));
                         }
+                        // A drain is noticed on busy streams too (one atomic load).
+                        if !*this.drain_noticed
+                            && let Some(at) = this.drain.close_at()
+                        {
+                            *this.drain_noticed = true;
+                            *this.drain_at = Some(at);
+                            arm(this.sleep, at);
+                        }
                     }
                     metrics.bytes_sent_total.inc_by(data.len() as u64);
                     if this.sleep.is_some() {
                         let now = Instant::now();
                         *this.last_sent = now;
                         *this.last_upstream = now;
-                    }
-                    if *this.ending && this.framer.at_boundary() {
-                        *this.done = true;
+                        // Busy streams never reach the timer below: honour their deadlines here.
+                        if this.deadline.is_some_and(|d| now >= d) {
+                            *this.deadline = None;
+                            *this.ending = true;
+                        }
+                        if this.drain_at.is_some_and(|d| now >= d) {
+                            *this.drain_at = None;
+                            *this.ending = true;
+                            *this.retry_hint = true;
+                        }
                     }
                 }
                 return Poll::Ready(Some(Ok(frame)));
@@ -289,6 +369,14 @@ where
             Poll::Pending => {}
         }
 
+        if *this.sse
+            && !*this.drain_noticed
+            && let Poll::Ready(at) = this.drain.poll_close_at(cx)
+        {
+            *this.drain_noticed = true;
+            *this.drain_at = Some(at);
+            arm(this.sleep, at);
+        }
         let Some(sleep) = this.sleep.as_mut() else {
             return Poll::Pending;
         };
@@ -307,6 +395,22 @@ where
                 *this.ending = true;
                 *this.deadline = None;
             }
+            if let Some(at) = *this.drain_at
+                && now >= at
+            {
+                *this.drain_at = None;
+                *this.ending = true;
+                *this.retry_hint = true;
+                if at_boundary {
+                    *this.done = true;
+                    *this.retry_hint = false;
+                    let mut hint = BytesMut::with_capacity(32);
+                    write_retry(&mut hint, this.drain.retry_hint_ms());
+                    metrics.bytes_sent_total.inc_by(hint.len() as u64);
+                    return Poll::Ready(Some(Ok(Frame::data(hint.freeze()))));
+                }
+                // Mid-event: the hint follows the event's last bytes.
+            }
             if let Some(idle) = this.timers.idle
                 && now >= *this.last_upstream + idle
             {
@@ -316,6 +420,7 @@ where
             }
             let mut next = (*this.deadline)
                 .into_iter()
+                .chain(*this.drain_at)
                 .chain(this.timers.idle.map(|d| *this.last_upstream + d))
                 .min();
             if let Some(ka) = this.timers.keepalive {
@@ -342,7 +447,6 @@ where
             }
         }
     }
-
     fn is_end_stream(&self) -> bool {
         self.done
     }
@@ -352,6 +456,7 @@ where
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
+    use crate::proxy::drain::Drain;
     use crate::routing::tests::{route, service, slice};
     use crate::routing::{CompileOptions, StateStore, compile};
     use crate::source::Snapshot;
@@ -397,6 +502,13 @@ mod tests {
     type Tx = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
 
     fn relay(timers: RelayTimers) -> (Tx, Pin<Box<RelayBody<Upstream>>>, Arc<Rule>) {
+        relay_draining(timers, &Drain::new())
+    }
+
+    fn relay_draining(
+        timers: RelayTimers,
+        drain: &Drain,
+    ) -> (Tx, Pin<Box<RelayBody<Upstream>>>, Arc<Rule>) {
         let (rule, _m) = rule_and_metrics();
         let (tx, rx) = mpsc::channel(16);
         let guard = StreamGuard::admit(&rule).unwrap();
@@ -407,6 +519,7 @@ mod tests {
                 true,
                 timers,
                 guard,
+                drain.watch(),
             )),
             rule,
         )
@@ -585,6 +698,118 @@ mod tests {
             lease,
         ));
         assert!(poll_fn(|cx| body.as_mut().poll_frame(cx)).await.is_none());
+    }
+
+    fn retry_frame(ms: u64) -> Bytes {
+        let mut b = BytesMut::new();
+        write_retry(&mut b, ms);
+        b.freeze()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_sends_a_retry_hint_then_ends_at_the_streams_slot() {
+        let drain = Drain::new();
+        let (tx, mut body, rule) = relay_draining(ka(15), &drain);
+        send(&tx, "data: a\n\n").await;
+        assert_eq!(next(&mut body).await.unwrap(), "data: a\n\n");
+        let t0 = Instant::now();
+        let d2 = drain.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            d2.begin(Duration::from_secs(5), Duration::from_secs(60));
+        });
+        // Keepalives continue until the stream's slot.
+        let mut frames = Vec::new();
+        while let Some(f) = next(&mut body).await {
+            frames.push((f, t0.elapsed()));
+        }
+        let plan = *drain.plan().unwrap();
+        let close = plan.close_at(0) - t0;
+        let (last, at) = frames.pop().unwrap();
+        assert_eq!(last, retry_frame(super::super::drain::retry_hint_ms(0)));
+        // Timers have millisecond resolution.
+        assert!(
+            at.abs_diff(close) <= Duration::from_millis(1),
+            "{at:?} {close:?}"
+        );
+        assert!(frames.iter().all(|(f, _)| f == KEEPALIVE));
+        assert_eq!(frames.len() as u128, close.as_millis() / 15_000);
+        assert!(body.is_end_stream());
+        let _ = (tx, rule);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_for_the_event_in_flight() {
+        let drain = Drain::new();
+        let (tx, mut body, _rule) = relay_draining(RelayTimers::default(), &drain);
+        send(&tx, "data: first half").await;
+        next(&mut body).await.unwrap();
+        drain.begin(Duration::ZERO, Duration::from_millis(1));
+        let tx2 = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            send(&tx2, " second half\n").await;
+            send(&tx2, "\n").await;
+            send(&tx2, "data: never sent\n\n").await;
+        });
+        assert_eq!(next(&mut body).await.unwrap(), " second half\n");
+        assert_eq!(next(&mut body).await.unwrap(), "\n");
+        let hint = next(&mut body).await.unwrap();
+        assert!(hint.starts_with(b"retry: "), "{hint:?}");
+        assert_eq!(next(&mut body).await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_reaches_busy_streams() {
+        let drain = Drain::new();
+        let (tx, mut body, _rule) = relay_draining(RelayTimers::default(), &drain);
+        drain.begin(Duration::from_secs(1), Duration::from_millis(1));
+        // An upstream that always has the next event ready: the timer path is never taken.
+        let tx2 = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if tx2
+                    .send(Ok(Frame::data(Bytes::from_static(b"data: x\n\n"))))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let t0 = Instant::now();
+        let mut last = Bytes::new();
+        while let Some(f) = next(&mut body).await {
+            last = f;
+        }
+        assert!(last.starts_with(b"retry: "));
+        assert!(
+            t0.elapsed() <= Duration::from_millis(1200),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn non_sse_bodies_are_not_cut_by_a_drain() {
+        let (rule, _m) = rule_and_metrics();
+        let drain = Drain::new();
+        let (tx, rx) = mpsc::channel(16);
+        let mut body = Box::pin(RelayBody::new(
+            StreamBody::new(ReceiverStream(rx)),
+            false,
+            RelayTimers::default(),
+            StreamGuard::admit(&rule).unwrap(),
+            drain.watch(),
+        ));
+        drain.begin(Duration::ZERO, Duration::from_millis(1));
+        let tx2 = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            send(&tx2, "{\"rest\":1}").await;
+        });
+        assert_eq!(next(&mut body).await.unwrap(), "{\"rest\":1}");
     }
 
     #[tokio::test]

@@ -210,10 +210,15 @@ where
 {
     let mut obj: T = serde_path_to_error::deserialize(value).map_err(|e| {
         let at = e.path().to_string();
+        let mut why = e.inner().to_string();
+        if kind == "Secret" {
+            // Error messages quote offending values; a Secret's may be key material.
+            why = redact_quoted(&why);
+        }
         if at == "." {
-            format!("invalid {kind}: {}", e.inner())
+            format!("invalid {kind}: {why}")
         } else {
-            format!("invalid {kind}: {at}: {}", e.inner())
+            format!("invalid {kind}: {at}: {why}")
         }
     })?;
     let meta = obj.meta_mut();
@@ -226,6 +231,24 @@ where
         .clone();
     into.push(obj);
     Ok(format!("{kind} {ns}/{name}"))
+}
+
+/// Replaces every `"…"` and `` `…` `` span of an error message (where serde quotes the
+/// offending value) with `<redacted>`.
+fn redact_quoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(start) = rest.find(['"', '`']) {
+        let quote = rest[start..].chars().next().unwrap_or('"');
+        let Some(len) = rest[start + 1..].rfind(quote) else {
+            break;
+        };
+        out.push_str(&rest[..start]);
+        out.push_str("<redacted>");
+        rest = &rest[start + 1 + len + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Watches `dir` and calls `on_load` with every changed load result. `loaded` is the
@@ -324,6 +347,31 @@ mod tests {
     }
 
     #[test]
+    fn secret_values_never_appear_in_errors() {
+        for data in [
+            "data: \"-----BEGIN PRIVATE KEY----- KEY-MATERIAL-1\"",
+            "data: {tls.key: [\"KEY-MATERIAL-1\"]}",
+            "stringData: {tls.key: 12345678901}",
+            "type: [\"KEY-MATERIAL-1\"]",
+        ] {
+            let text = format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: tls}}\n{data}\n");
+            let errors = parse(&text).err().unwrap_or_default();
+            assert!(!errors.is_empty(), "{data}");
+            for e in errors {
+                assert!(!e.reason.contains("KEY-MATERIAL"), "{}", e.reason);
+                assert!(!e.reason.contains("12345678901"), "{}", e.reason);
+                assert!(e.reason.contains("invalid Secret"), "{}", e.reason);
+            }
+        }
+        assert_eq!(
+            redact_quoted("invalid type: string \"a\\\"b\", expected a map"),
+            "invalid type: string <redacted>, expected a map"
+        );
+        assert_eq!(redact_quoted("integer `1`, x"), "integer <redacted>, x");
+        assert_eq!(redact_quoted("no quotes"), "no quotes");
+    }
+
+    #[test]
     fn list_items_are_loaded() {
         let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: a}\n- apiVersion: v1\n  kind: Service\n  metadata: {name: b}\n".to_string();
         assert_eq!(parse(&text).unwrap().snapshot.services.len(), 2);
@@ -393,5 +441,317 @@ mod tests {
                 .reason
                 .contains("cannot read directory")
         );
+    }
+
+    /// Property tests: arbitrary YAML and JSON never panic the loader or the compiler, and
+    /// a good route in another file is still served whatever else parses.
+    mod proptests {
+        use super::*;
+        use crate::metrics::Metrics;
+        use crate::routing::{CompileOptions, StateStore, compile};
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+        use serde_json::Value as Json;
+
+        const TOKENS: &[&str] = &[
+            "apiVersion: ",
+            "ssegate.io/v1alpha1",
+            "v1",
+            "discovery.k8s.io/v1",
+            "kind: ",
+            "SseRoute",
+            "Service",
+            "EndpointSlice",
+            "Secret",
+            "List",
+            "items:",
+            "metadata:",
+            "name: ",
+            "namespace: ",
+            "spec:",
+            "rules:",
+            "- ",
+            "match:",
+            "path: ",
+            "/x",
+            "backend:",
+            "service: ",
+            "port: ",
+            "80",
+            "-1",
+            "99999999999999999999",
+            "{",
+            "}",
+            "[",
+            "]",
+            ", ",
+            ": ",
+            "\n",
+            "  ",
+            "---\n",
+            "&a ",
+            "*a",
+            "!!binary ",
+            "'",
+            "\"",
+            "null",
+            "~",
+            "1.5",
+            "true",
+            "keepalive:",
+            "interval: ",
+            "15s",
+            "timeouts:",
+            "maxConnections: ",
+            "hostnames: ",
+            "<<: ",
+            "#",
+            "\t",
+            "\u{FEFF}",
+            "é",
+            "\0",
+            "? ",
+            "|\n",
+            ">-\n",
+        ];
+        const KEYS: &[&str] = &[
+            "apiVersion",
+            "kind",
+            "metadata",
+            "name",
+            "namespace",
+            "spec",
+            "rules",
+            "match",
+            "path",
+            "type",
+            "backend",
+            "service",
+            "port",
+            "hostnames",
+            "keepalive",
+            "interval",
+            "timeouts",
+            "idle",
+            "maxConnections",
+            "mode",
+            "items",
+            "labels",
+            "kubernetes.io/service-name",
+            "endpoints",
+            "addresses",
+            "conditions",
+            "ready",
+            "ports",
+            "addressType",
+            "data",
+            "stringData",
+            "rewritePath",
+            "className",
+            "x",
+        ];
+        const STRINGS: &[&str] = &[
+            "ssegate.io/v1alpha1",
+            "v1",
+            "discovery.k8s.io/v1",
+            "SseRoute",
+            "Service",
+            "EndpointSlice",
+            "Secret",
+            "List",
+            "/",
+            "/a",
+            "a",
+            "Exact",
+            "Prefix",
+            "poll",
+            "stream",
+            "15s",
+            "0s",
+            "-1s",
+            "1e400s",
+            "",
+            "a..b",
+            "10.0.0.1",
+            "::1",
+            "IPv4",
+            "IPv6",
+            "*.example.com",
+            "svc",
+            "é\u{0}",
+            "http",
+        ];
+
+        fn json() -> impl Strategy<Value = Json> {
+            let leaf = prop_oneof![
+                Just(Json::Null),
+                any::<bool>().prop_map(Json::from),
+                any::<i64>().prop_map(Json::from),
+                any::<u16>().prop_map(Json::from),
+                any::<f64>().prop_map(Json::from),
+                prop::sample::select(STRINGS).prop_map(Json::from),
+            ];
+            leaf.prop_recursive(5, 96, 8, |inner| {
+                prop_oneof![
+                    vec(inner.clone(), 0..5).prop_map(Json::Array),
+                    vec((prop::sample::select(KEYS), inner), 0..8).prop_map(|kv| {
+                        Json::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+                    }),
+                ]
+            })
+        }
+
+        /// An object of a kind the loader knows, with an arbitrary body.
+        fn object() -> impl Strategy<Value = Json> {
+            (
+                prop::sample::select(
+                    &[
+                        ("ssegate.io/v1alpha1", "SseRoute"),
+                        ("v1", "Service"),
+                        ("discovery.k8s.io/v1", "EndpointSlice"),
+                        ("v1", "Secret"),
+                        ("v1", "List"),
+                        ("ssegate.io/v1alpha1", "Other"),
+                    ][..],
+                ),
+                json(),
+            )
+                .prop_map(|((api, kind), body)| {
+                    let mut obj = match body {
+                        Json::Object(m) => m,
+                        other => [("spec".to_string(), other)].into_iter().collect(),
+                    };
+                    obj.insert("apiVersion".into(), api.into());
+                    obj.insert("kind".into(), kind.into());
+                    Json::Object(obj)
+                })
+        }
+
+        /// Mostly one of `valid`, sometimes anything.
+        fn field(valid: &[Json]) -> BoxedStrategy<Json> {
+            prop_oneof![4 => prop::sample::select(valid.to_vec()), 1 => json()].boxed()
+        }
+
+        fn s(v: &[&str]) -> Vec<Json> {
+            v.iter().map(|x| Json::from(*x)).collect()
+        }
+
+        /// Nearly valid objects: templates with some fields replaced by anything.
+        fn nearly_valid() -> impl Strategy<Value = Json> {
+            let names = s(&["a", "b", "feed", "svc", "svc-1", "", "UPPER", "x.y"]);
+            let meta = (field(&names), field(&s(&["apps", "default", "safe"])))
+                .prop_map(|(n, ns)| serde_json::json!({"name": n, "namespace": ns}));
+            let rule = (
+                field(&s(&["/", "/a", "/a/b", "a", "", "/é"])),
+                field(&s(&["Exact", "Prefix", "Regex"])),
+                field(&s(&["svc", "goodsvc", "missing", ""])),
+                field(&[
+                    Json::from(80),
+                    Json::from(0),
+                    Json::from(70000),
+                    Json::from("http"),
+                ]),
+                field(&s(&["15s", "0s", "1h", "-3s", "soon"])),
+                field(&[Json::from(0), Json::from(1), Json::from(-1)]),
+            )
+                .prop_map(|(path, ty, svc, port, ka, maxc)| {
+                    serde_json::json!({
+                        "match": {"path": path, "type": ty},
+                        "backend": {"service": svc, "port": port},
+                        "keepalive": {"interval": ka},
+                        "maxConnections": maxc,
+                    })
+                });
+            let route = (
+                meta.clone(),
+                field(&[
+                    serde_json::json!(["a.example", "*.b.example"]),
+                    serde_json::json!([]),
+                    serde_json::json!(["good.example"]),
+                ]),
+                vec(rule, 0..3),
+            )
+                .prop_map(|(m, hosts, rules)| {
+                    serde_json::json!({"apiVersion": "ssegate.io/v1alpha1", "kind": "SseRoute",
+                        "metadata": m, "spec": {"hostnames": hosts, "rules": rules}})
+                });
+            let svc = (
+                meta.clone(),
+                field(&[Json::from(80), Json::from(-1), Json::from("x")]),
+            )
+                .prop_map(|(m, port)| {
+                    serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": m,
+                        "spec": {"ports": [{"port": port}]}})
+                });
+            let slice = (
+                meta,
+                field(&s(&["svc", "goodsvc", "a"])),
+                field(&s(&["10.0.0.1", "::1", "999.1.1.1", "x"])),
+                field(&[Json::from(true), Json::from(false), Json::Null]),
+                field(&[Json::from(9000), Json::from(0), Json::from(-5)]),
+            )
+                .prop_map(|(m, svc, addr, ready, port)| {
+                    let mut m = m;
+                    m["labels"] = serde_json::json!({"kubernetes.io/service-name": svc});
+                    serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                        "metadata": m, "addressType": "IPv4",
+                        "endpoints": [{"addresses": [addr], "conditions": {"ready": ready}}],
+                        "ports": [{"port": port}]})
+                });
+            prop_oneof![route, svc, slice]
+        }
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                vec(nearly_valid(), 1..5).prop_map(|objs| {
+                    objs.iter()
+                        .map(|o| serde_yaml::to_string(o).unwrap_or_default())
+                        .collect::<Vec<_>>()
+                        .join("---\n")
+                }),
+                vec(prop::sample::select(TOKENS), 0..120).prop_map(|t| t.concat()),
+                vec(any::<char>(), 0..200).prop_map(|c| c.into_iter().collect()),
+                vec(object(), 1..4).prop_map(|objs| {
+                    objs.iter()
+                        .map(|o| serde_yaml::to_string(o).unwrap_or_default())
+                        .collect::<Vec<_>>()
+                        .join("---\n")
+                }),
+                object().prop_map(|o| o.to_string()),
+            ]
+        }
+
+        const GOOD: &str = "apiVersion: ssegate.io/v1alpha1\nkind: SseRoute\nmetadata: {name: good, namespace: safe}\nspec:\n  hostnames: [good.example]\n  rules:\n  - match: {path: /good}\n    backend: {service: goodsvc, port: 80}\n";
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 512,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn arbitrary_manifests_never_panic_or_take_a_good_route_down(text in text()) {
+                let mut loaded = Loaded::default();
+                let mut errors = Vec::new();
+                parse_file(Path::new("good.yaml"), GOOD, &mut loaded, &mut errors);
+                prop_assert!(errors.is_empty());
+                parse_file(Path::new("fuzz.yaml"), &text, &mut loaded, &mut errors);
+                for e in &errors {
+                    prop_assert!(!e.reason.is_empty());
+                }
+                let (table, reports) = compile(
+                    &loaded.snapshot,
+                    &CompileOptions::default(),
+                    &StateStore::new(Metrics::new()),
+                );
+                prop_assert!(reports.iter().any(|r| r.key() == "safe/good"));
+                prop_assert!(
+                    table.route("good.example", "/good").is_some(),
+                    "good route lost next to {:?}",
+                    text
+                );
+            }
+        }
     }
 }

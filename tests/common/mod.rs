@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use ssegate::server::{Running, ServerConfig, start_standalone};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -38,6 +39,10 @@ impl Stream {
             .send(Ok(Frame::data(s.into())))
             .await
             .expect("response body dropped");
+    }
+    /// Sends one chunk; false if the proxy has dropped the response.
+    pub async fn try_send(&self, s: impl Into<Bytes>) -> bool {
+        self.tx.send(Ok(Frame::data(s.into()))).await.is_ok()
     }
     /// True while the proxy still holds the response open.
     pub fn is_open(&self) -> bool {
@@ -246,11 +251,17 @@ pub fn service_yaml(svc: &str, ready: &[SocketAddr], unready: &[SocketAddr]) -> 
 
 /// ssegate running in-process on ephemeral loopback ports, reloading quickly.
 pub async fn start_ssegate(config: &ConfigDir) -> Running {
+    start_ssegate_with(config, ssegate::proxy::ProxyConfig::default()).await
+}
+
+/// [`start_ssegate`] with the given proxy settings.
+pub async fn start_ssegate_with(config: &ConfigDir, proxy: ssegate::proxy::ProxyConfig) -> Running {
     let cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin: "127.0.0.1:0".parse().unwrap(),
         reload_poll: Duration::from_millis(100),
         reload_debounce: Duration::from_millis(20),
+        proxy,
         ..ServerConfig::default()
     };
     start_standalone(config.path(), cfg).await.unwrap()
@@ -265,6 +276,16 @@ pub struct ClientResponse {
 }
 
 impl ClientResponse {
+    /// A response received on a connection the caller drives.
+    pub fn from_parts(parts: http::response::Parts, body: Incoming) -> Self {
+        ClientResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            _conn: tokio::spawn(async {}),
+        }
+    }
+
     /// The next body chunk, or None at the end. Panics if nothing comes within PATIENCE.
     pub async fn chunk(&mut self) -> Option<Bytes> {
         loop {
@@ -281,6 +302,28 @@ impl ClientResponse {
                     }
                 }
                 Err(_) => return None,
+            }
+        }
+    }
+
+    /// The next body chunk, `Ok(None)` at a clean end, `Err` when the body failed (e.g. a
+    /// truncated chunked encoding). Panics if nothing comes within PATIENCE.
+    pub async fn chunk_or_error(&mut self) -> Result<Option<Bytes>, String> {
+        loop {
+            let frame = tokio::time::timeout(
+                PATIENCE,
+                poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)),
+            )
+            .await
+            .expect("no body data in time");
+            match frame {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        return Ok(Some(data));
+                    }
+                }
             }
         }
     }
@@ -543,4 +586,38 @@ pub fn events(text: &str) -> Vec<Vec<String>> {
         })
         .filter(|b| !b.is_empty())
         .collect()
+}
+
+/// A client that sends `GET /events` (host `h`) and then never reads.
+pub async fn non_reading_client(proxy: SocketAddr) -> TcpStream {
+    let mut sock = TcpStream::connect(proxy).await.unwrap();
+    sock.write_all(b"GET /events HTTP/1.1\r\nhost: h\r\n\r\n")
+        .await
+        .unwrap();
+    sock
+}
+
+/// This process's resident set size.
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Floods `stream` with 64 KiB events until a send makes no progress for 1 s or `limit`
+/// bytes went out; returns the bytes the backend got rid of.
+pub async fn flood(stream: &Stream, limit: usize) -> usize {
+    let event = Bytes::from(format!("data: {}\n\n", "x".repeat(64 * 1024 - 8)));
+    let mut sent = 0;
+    while sent < limit {
+        match tokio::time::timeout(Duration::from_secs(1), stream.try_send(event.clone())).await {
+            Ok(true) => sent += event.len(),
+            Ok(false) | Err(_) => break,
+        }
+    }
+    sent
 }
