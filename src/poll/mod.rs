@@ -884,4 +884,129 @@ mod tests {
             );
         }
     }
+
+    /// Property tests: any backend answer never panics the parser, and every answer it
+    /// accepts encodes to exactly its entries as SSE events, with the cursor as the last id.
+    mod proptests {
+        use super::*;
+        use crate::sse::Framer;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+        use serde_json::Value as Json;
+
+        fn json() -> impl Strategy<Value = Json> {
+            let leaf = prop_oneof![
+                Just(Json::Null),
+                any::<bool>().prop_map(Json::from),
+                any::<i64>().prop_map(Json::from),
+                any::<f64>().prop_map(Json::from),
+                vec(any::<char>(), 0..12)
+                    .prop_map(|c| Json::from(c.into_iter().collect::<String>())),
+                prop::sample::select(&["\r\n", "\0", "data: x\n\n", "\u{2028}", "é"][..])
+                    .prop_map(Json::from),
+            ];
+            leaf.prop_recursive(3, 32, 5, |inner| {
+                prop_oneof![
+                    vec(inner.clone(), 0..4).prop_map(Json::Array),
+                    vec(
+                        (prop::sample::select(&["a", "list", "id", "\n"][..]), inner),
+                        0..4
+                    )
+                    .prop_map(|kv| Json::Object(
+                        kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+                    )),
+                ]
+            })
+        }
+
+        /// An answer object: each field absent, well-typed or anything.
+        fn answer() -> impl Strategy<Value = String> {
+            let field = |good: BoxedStrategy<Json>| prop_oneof![2 => Just(None), 4 => good.prop_map(Some), 1 => json().prop_map(Some)];
+            (
+                field(vec(json(), 0..5).prop_map(Json::Array).boxed()),
+                field(any::<bool>().prop_map(Json::from).boxed()),
+                field(
+                    prop_oneof![
+                        (0u32..100_000).prop_map(Json::from),
+                        prop::sample::select(&["250ms", "2s", "-1s", "x"][..]).prop_map(Json::from),
+                    ]
+                    .boxed(),
+                ),
+                field(
+                    prop_oneof![
+                        any::<u64>().prop_map(Json::from),
+                        vec(any::<char>(), 0..10)
+                            .prop_map(|c| Json::from(c.into_iter().collect::<String>())),
+                    ]
+                    .boxed(),
+                ),
+            )
+                .prop_map(|(list, cont, wait, next)| {
+                    let mut m = serde_json::Map::new();
+                    for (k, v) in [
+                        ("list", list),
+                        ("continue", cont),
+                        ("wait", wait),
+                        ("next", next),
+                    ] {
+                        if let Some(v) = v {
+                            m.insert(k.into(), v);
+                        }
+                    }
+                    Json::Object(m).to_string()
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 1024,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn any_bytes_never_panic(body in vec(any::<u8>(), 0..200), value in vec(any::<u8>(), 0..20)) {
+                let _ = parse_response(&body);
+                let _ = parse_retry_after(&value);
+                if let Some(c) = Cursor::from_last_event_id(&value) {
+                    let _ = c.query_value();
+                    prop_assert_eq!(Cursor::from_last_event_id(c.as_json().as_bytes()), Some(c));
+                }
+            }
+
+            #[test]
+            fn accepted_answers_encode_to_exactly_their_entries(text in answer()) {
+                let Ok(batch) = parse_response(text.as_bytes()) else { return Ok(()) };
+                let mut out = BytesMut::new();
+                let mut scratch = String::new();
+                let n = encode_batch(&mut out, &mut scratch, &batch, Some("update"));
+                prop_assert_eq!(n, batch.list.len() as u64);
+                let mut f = Framer::new();
+                prop_assert_eq!(u64::from(f.feed(&out)), n);
+                prop_assert!(f.at_boundary());
+                if n > 0 {
+                    prop_assert_eq!(
+                        f.last_event_id(),
+                        batch.next.as_ref().map(|c| c.as_json().as_bytes())
+                    );
+                }
+                // Each event's data is its entry, compacted but equal as JSON.
+                let text = std::str::from_utf8(&out).unwrap();
+                let datas: Vec<&str> = text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .collect();
+                prop_assert_eq!(datas.len(), batch.list.len());
+                for (d, entry) in datas.iter().zip(&batch.list) {
+                    let a: Json = serde_json::from_str(d).unwrap();
+                    let b: Json = serde_json::from_str(entry.get()).unwrap();
+                    prop_assert_eq!(a, b);
+                }
+                if let Some(c) = &batch.next {
+                    let again = Cursor::from_last_event_id(c.as_json().as_bytes());
+                    prop_assert_eq!(again.as_ref(), Some(c));
+                }
+            }
+        }
+    }
 }

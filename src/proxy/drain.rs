@@ -199,6 +199,76 @@ impl Drop for DrainWatch {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// Drains a body whose every frame boundary is an event boundary (poll-mode streams):
+    /// once the drain reaches this stream's slot, the body sends a `retry:` hint between two
+    /// frames and ends (dropping the inner body, which cancels a call in flight).
+    pub struct DrainBody<B> {
+        #[pin]
+        inner: B,
+        drain: DrainWatch,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+        bytes_sent: Option<prometheus::IntCounter>,
+        done: bool,
+    }
+}
+
+impl<B> DrainBody<B> {
+    /// Wraps `inner`; the hint's bytes are added to `bytes_sent` when given.
+    pub fn new(inner: B, drain: DrainWatch, bytes_sent: Option<prometheus::IntCounter>) -> Self {
+        DrainBody {
+            inner,
+            drain,
+            sleep: None,
+            bytes_sent,
+            done: false,
+        }
+    }
+}
+
+impl<B> http_body::Body for DrainBody<B>
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, B::Error>>> {
+        let this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        if this.sleep.is_none()
+            && let Poll::Ready(at) = this.drain.poll_close_at(cx)
+        {
+            *this.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+        }
+        if let Some(sleep) = this.sleep.as_mut()
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            *this.done = true;
+            let mut hint = bytes::BytesMut::with_capacity(32);
+            crate::sse::write_retry(&mut hint, this.drain.retry_hint_ms());
+            if let Some(c) = this.bytes_sent {
+                c.inc_by(hint.len() as u64);
+            }
+            return Poll::Ready(Some(Ok(http_body::Frame::data(hint.freeze()))));
+        }
+        let frame = this.inner.poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            *this.done = true;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +354,53 @@ mod tests {
         assert!(c.close_at().is_some());
         drop((a, b, c));
         assert_eq!(drain.open_streams(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_body_closes_between_frames_with_a_retry_hint() {
+        use bytes::Bytes;
+        use http_body::{Body, Frame};
+        use std::convert::Infallible;
+        // A poll-like body: one frame every 10 s, forever.
+        let frames = futures_util::stream::unfold(0u32, |i| async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let f: Result<Frame<Bytes>, Infallible> =
+                Ok(Frame::data(Bytes::from(format!("data: {i}\n\n"))));
+            Some((f, i + 1))
+        });
+        let drain = Drain::new();
+        let counter = prometheus::IntCounter::new("b", "b").unwrap();
+        let mut body = Box::pin(DrainBody::new(
+            http_body_util::StreamBody::new(frames),
+            drain.watch(),
+            Some(counter.clone()),
+        ));
+        let t0 = Instant::now();
+        let first = poll_fn(|cx| body.as_mut().poll_frame(cx))
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap();
+        assert_eq!(first, "data: 0\n\n");
+        drain.begin(Duration::from_secs(1), Duration::from_secs(4));
+        let close = drain.plan().unwrap().close_at(0);
+        let hint = poll_fn(|cx| body.as_mut().poll_frame(cx))
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap();
+        assert!(hint.starts_with(b"retry: "), "{hint:?}");
+        let now = Instant::now();
+        assert!(now.max(close) - now.min(close) <= Duration::from_millis(1));
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "closed before the next frame"
+        );
+        assert_eq!(counter.get(), hint.len() as u64);
+        assert!(poll_fn(|cx| body.as_mut().poll_frame(cx)).await.is_none());
+        assert!(body.is_end_stream());
     }
 
     #[tokio::test(start_paused = true)]

@@ -33,7 +33,7 @@ use crate::balance::{Endpoint, EndpointLease, KeySource, hash_key};
 use crate::metrics::Metrics;
 use crate::poll::task::PollBody;
 use crate::routing::{RouteTable, Rule};
-use drain::Drain;
+use drain::{Drain, DrainBody};
 use error::ProxyError;
 use io::{ConnState, WriteTimeout};
 use limits::{ClientLimiter, ClientLimits, ClientRefusal, ConnectionLimit};
@@ -46,7 +46,7 @@ pub(crate) const CONNECT_ATTEMPTS: usize = 3;
 /// upstream body, or the event stream of a poll route.
 pub type ProxyBody = Either<
     Full<Bytes>,
-    Either<RelayBody<EndpointBody<DriveConn<UpstreamConn, Incoming>>>, PollBody>,
+    Either<RelayBody<EndpointBody<DriveConn<UpstreamConn, Incoming>>>, DrainBody<PollBody>>,
 >;
 
 /// The upstream HTTP/1 connection future driven by [`DriveConn`].
@@ -310,7 +310,11 @@ impl Proxy {
                 .map_err(fail)?;
             return Ok(resp.map(|b| match b {
                 Either::Left(full) => Either::Left(full),
-                Either::Right(poll) => Either::Right(Either::Right(poll)),
+                Either::Right(poll) => Either::Right(Either::Right(DrainBody::new(
+                    poll,
+                    self.drain.watch(),
+                    Some(rule.metrics.bytes_sent_total.clone()),
+                ))),
             }))
             .map(|mut resp| {
                 if let Some(cookie) = set_cookie {
