@@ -300,3 +300,26 @@ async fn sticky_streams_stay_put_when_an_endpoint_is_added() {
         );
     }
 }
+
+#[tokio::test]
+async fn sticky_source_ip_keeps_a_client_on_one_backend_everywhere() {
+    // Every test client connects from 127.0.0.1: one key, so one backend, on both
+    // instances, whatever the request carries.
+    let (mut backends, cfg, ss1) =
+        setup("      loadBalancing:\n        policy: Sticky\n        sticky: {sourceIP: true}\n")
+            .await;
+    let ss2 = start_ssegate(&cfg).await;
+    let (first, _r, _s) = open(ss1.proxy_addr, &mut backends, req("/events", &[])).await;
+    for n in 0..6 {
+        let user = format!("user-{n}");
+        for proxy in [ss1.proxy_addr, ss2.proxy_addr] {
+            let (i, _r, _s) = open(
+                proxy,
+                &mut backends,
+                req("/events", &[("x-user-id", &user)]),
+            )
+            .await;
+            assert_eq!(i, first, "the same client address moved");
+        }
+    }
+}

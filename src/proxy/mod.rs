@@ -284,25 +284,7 @@ impl Proxy {
         if rule.backend.is_empty() {
             return Err(fail(ProxyError::NoEndpoints(rule.backend.name.clone())));
         }
-        let (key, set_cookie) = match rule.backend.policy().key_source() {
-            None => (None, None),
-            Some(source) => {
-                match source.key_hash(req.headers(), req.uri().query(), peer.ip()) {
-                    Some(key) => (Some(key), None),
-                    None => match source {
-                        // No session yet: issue one, and place this stream where the
-                        // browser's reconnects (which will carry the cookie) will go.
-                        KeySource::Cookie(name) => {
-                            match issue_cookie(name, &rule.path, self.config.scheme) {
-                                Some((id, cookie)) => (Some(hash_key(id.as_bytes())), Some(cookie)),
-                                None => (None, None),
-                            }
-                        }
-                        _ => (None, None),
-                    },
-                }
-            }
-        };
+        let (key, set_cookie) = sticky_key(&rule, &req, peer, self.config.scheme);
         if rule.mode == Mode::Poll {
             // Every call of the stream is placed with the same session key.
             let resp = crate::poll::task::serve(req, guard, key, &host, peer, self.config.scheme)
@@ -449,6 +431,32 @@ pub(crate) async fn connect(
         reason,
         timed_out,
     })
+}
+
+/// The hashed sticky key of a request on a sticky rule, and the `Set-Cookie` of a session
+/// ssegate issues because a `cookie:` key is missing. `(None, None)` for other policies and
+/// requests without the key (round robin).
+fn sticky_key<B>(
+    rule: &Rule,
+    req: &Request<B>,
+    peer: SocketAddr,
+    scheme: &str,
+) -> (Option<u64>, Option<HeaderValue>) {
+    let Some(source) = rule.backend.policy().key_source() else {
+        return (None, None);
+    };
+    if let Some(key) = source.key_hash(req.headers(), req.uri().query(), peer.ip()) {
+        return (Some(key), None);
+    }
+    let KeySource::Cookie(name) = source else {
+        return (None, None);
+    };
+    // No session yet: issue one, and place this stream where the browser's reconnects
+    // (which will carry the cookie) will go.
+    match issue_cookie(name, &rule.path, scheme) {
+        Some((id, cookie)) => (Some(hash_key(id.as_bytes())), Some(cookie)),
+        None => (None, None),
+    }
 }
 
 /// A new sticky session: a random 128-bit id and the `Set-Cookie` header that stores it under
