@@ -18,6 +18,19 @@
 //!     EventSource to stop reconnecting;
 //!   - `cut=C` — close the connection after every C events of a connection,
 //!     so that clients reconnect and resume with `Last-Event-ID`.
+//! - `GET` or `POST /api/orders` (and any path under it): a JSON backend for ssegate's
+//!   poll mode (`mode: Poll`). Each call answers
+//!   `{"list":[{"n":N,"time":"<unix millis>"},...],"continue":true,"wait":<ms>,"next":N}`
+//!   with the orders after the cursor `previous` (a query parameter, or a field of a
+//!   JSON body for `POST`); no `previous` starts at order 1.
+//!   Query parameters:
+//!   - `wait=250ms` / `wait=2s` — the `wait` the answer asks for (default `1s`);
+//!   - `batch=B` — orders per answer (default 1);
+//!   - `count=K` — the last order; the answer that reaches it says `continue: false`,
+//!     and a call whose `previous` is already >= K gets `204 No Content`, which ssegate
+//!     passes on to a reconnecting client (an EventSource then stops reconnecting);
+//!   - `cut=C` — an answer whose last order is a multiple of C says `continue: false`,
+//!     so ssegate ends the stream and clients reconnect and resume with `Last-Event-ID`.
 //! - `GET /healthz`: `200 ok`.
 //! - anything else: `404`.
 
@@ -96,6 +109,9 @@ async fn main() -> std::io::Result<()> {
 
 async fn handle(req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
+    if path == "/api/orders" || path.starts_with("/api/orders/") {
+        return Ok(orders(req, peer).await);
+    }
     let query = req.uri().query().unwrap_or("");
     let last_event_id = req
         .headers()
@@ -167,6 +183,122 @@ fn events(params: StreamParams, last_event_id: Option<u64>) -> Response<Body> {
         .header(CACHE_CONTROL, HeaderValue::from_static("no-cache"))
         .body(BodyExt::boxed(body))
         .expect("valid response")
+}
+
+/// What one `/api/orders` call asked for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct OrderParams {
+    wait: Duration,
+    batch: u64,
+    count: Option<u64>,
+    cut: Option<u64>,
+    previous: Option<u64>,
+}
+
+fn parse_order_params(query: &str) -> Result<OrderParams, String> {
+    let mut p = OrderParams {
+        wait: Duration::from_secs(1),
+        batch: 1,
+        count: None,
+        cut: None,
+        previous: None,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "wait" => p.wait = parse_duration(value)?,
+            "batch" => p.batch = parse_positive(key, value)?,
+            "count" => p.count = Some(parse_positive(key, value)?),
+            "cut" => p.cut = Some(parse_positive(key, value)?),
+            "previous" => p.previous = Some(parse_cursor(value)?),
+            _ => {}
+        }
+    }
+    Ok(p)
+}
+
+fn parse_cursor(value: &str) -> Result<u64, String> {
+    value
+        .parse()
+        .map_err(|_| format!("bad previous {value:?}: expected an order number"))
+}
+
+/// One poll answer: the orders after `previous`, or `None` when the feed is over (204).
+fn orders_answer(p: &OrderParams, now_millis: u128) -> Option<String> {
+    let first = p.previous.map_or(1, |n| n.saturating_add(1));
+    if p.count.is_some_and(|count| first > count) {
+        return None;
+    }
+    let mut last = first.saturating_add(p.batch - 1);
+    if let Some(count) = p.count {
+        last = last.min(count);
+    }
+    if let Some(cut) = p.cut {
+        // End the batch at the next multiple of `cut`.
+        last = last.min(first.div_ceil(cut) * cut);
+    }
+    let list: Vec<String> = (first..=last)
+        .map(|n| format!(r#"{{"n":{n},"time":"{now_millis}"}}"#))
+        .collect();
+    let done = p.count.is_some_and(|count| last >= count);
+    let cut = p.cut.is_some_and(|cut| last % cut == 0);
+    Some(format!(
+        r#"{{"list":[{}],"continue":{},"wait":{},"next":{last}}}"#,
+        list.join(","),
+        !(done || cut),
+        p.wait.as_millis()
+    ))
+}
+
+/// `/api/orders`: the poll-mode JSON backend.
+async fn orders(req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let mut params = match parse_order_params(uri.query().unwrap_or("")) {
+        Ok(p) => p,
+        Err(msg) => return plain(StatusCode::BAD_REQUEST, &format!("{msg}\n")),
+    };
+    if method == Method::POST {
+        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+        let previous = body.ok().and_then(|b| {
+            serde_json::from_slice::<serde_json::Value>(&b)
+                .ok()
+                .and_then(|v| v.get("previous").cloned())
+        });
+        match previous {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::Number(n)) if n.as_u64().is_some() => {
+                params.previous = n.as_u64();
+            }
+            Some(other) => {
+                let msg = format!("bad previous {other}: expected an order number\n");
+                return plain(StatusCode::BAD_REQUEST, &msg);
+            }
+        }
+    } else if method != Method::GET {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST\n");
+    }
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let response = match orders_answer(&params, millis) {
+        Some(json) => Response::builder()
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .body(Full::new(Bytes::from(json)).boxed())
+            .expect("valid response"),
+        None => Response::builder()
+            .status(StatusCode::NO_CONTENT)
+            .body(empty())
+            .expect("valid response"),
+    };
+    eprintln!(
+        "sse-backend: {peer} {method} {uri} previous={} -> {}",
+        params
+            .previous
+            .map_or_else(|| "-".to_string(), |n| n.to_string()),
+        response.status().as_u16(),
+    );
+    response
 }
 
 fn parse_params(query: &str) -> Result<StreamParams, String> {
@@ -246,5 +378,41 @@ mod tests {
             (Duration::from_secs(1), None, None)
         );
         assert!(parse_params("count=0").is_err());
+    }
+
+    fn answer(query: &str) -> Option<serde_json::Value> {
+        let p = parse_order_params(query).unwrap();
+        orders_answer(&p, 7).map(|s| serde_json::from_str(&s).unwrap())
+    }
+
+    fn ns(v: &serde_json::Value) -> Vec<u64> {
+        v["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["n"].as_u64().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn orders_follow_the_cursor() {
+        let a = answer("wait=250ms&batch=2").unwrap();
+        assert_eq!(ns(&a), [1, 2]);
+        assert_eq!((a["next"].as_u64(), a["continue"].as_bool()), (Some(2), Some(true)));
+        assert_eq!(a["wait"], 250);
+        assert_eq!(a["list"][0], serde_json::json!({"n": 1, "time": "7"}));
+        assert_eq!(ns(&answer("batch=2&previous=2").unwrap()), [3, 4]);
+    }
+
+    #[test]
+    fn orders_end_at_count_and_cut() {
+        let last = answer("count=5&batch=2&previous=4").unwrap();
+        assert_eq!((ns(&last), last["continue"].as_bool()), (vec![5], Some(false)));
+        assert_eq!(answer("count=5&previous=5"), None);
+        let cut = answer("count=6&cut=3&batch=5").unwrap();
+        assert_eq!((ns(&cut), cut["continue"].as_bool()), (vec![1, 2, 3], Some(false)));
+        let resumed = answer("count=6&cut=3&batch=5&previous=3").unwrap();
+        assert_eq!((ns(&resumed), resumed["continue"].as_bool()), (vec![4, 5, 6], Some(false)));
+        assert!(parse_order_params("previous=x").is_err());
     }
 }

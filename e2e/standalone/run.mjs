@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// End-to-end check of ssegate's foundations, without Kubernetes.
+// End-to-end check of ssegate's foundations (and poll mode), without Kubernetes.
 //
 // Starts the release example backend (127.0.0.1:9090, where manifests/examples
 // routes `/events`) and the release ssegate on manifests/examples, waits for
@@ -349,6 +349,77 @@ function sumMetric(text, name) {
   }
   return { sum, series };
 }
+
+// ---------------------------------------------------------------- poll mode
+// The `orders` route of manifests/examples turns the backend's JSON endpoint
+// /api/orders into an event stream (mode: Poll, eventType: tick, endEvent: true).
+
+check('poll: curl gets batches as tick events, the cursor as id on the last of each, then end', async () => {
+  const url = `${BASE}/poll?wait=50ms&count=5&batch=2`;
+  const { code, stdout, stderr } = await curl(['-sN', '--max-time', '8', url], 10000);
+  assert(code === 0, `curl ${url} exited ${code} ${stderr}\n${stdout}`);
+  const blocks = parseEventStream(stdout);
+  const ticks = blocks.filter((b) => b.event === 'tick');
+  const ns = ticks.map((b) => JSON.parse(b.data).n);
+  assert(ns.join(',') === '1,2,3,4,5', `expected orders 1..5 in order, got [${ns}] in:\n${stdout}`);
+  const ids = ticks.map((b) => b.id ?? '');
+  assert(ids.join(',') === ',2,,4,5', `expected ids only on batch ends (,2,,4,5), got [${ids}] in:\n${stdout}`);
+  const last = blocks[blocks.length - 1];
+  assert(last.event === 'end', `expected a final "event: end" block, got ${JSON.stringify(last)} in:\n${stdout}`);
+  delivered += 5;
+});
+
+check('poll: curl with Last-Event-ID: 3 resumes at order 4; Last-Event-ID: 5 gets 204', async () => {
+  const url = `${BASE}/poll?wait=50ms&count=5`;
+  const resumed = await curl(['-sN', '--max-time', '8', '-H', 'Last-Event-ID: 3', url], 10000);
+  const ns = parseEventStream(resumed.stdout).filter((b) => b.event === 'tick').map((b) => JSON.parse(b.data).n);
+  assert(resumed.code === 0 && ns.join(',') === '4,5',
+    `expected orders 4,5 (curl exit ${resumed.code}), got [${ns}] in:\n${resumed.stdout}`);
+  delivered += 2;
+  const done = await curl(['-s', '-o', '/dev/null', '-w', '%{http_code}', '--max-time', '5',
+    '-H', 'Last-Event-ID: 5', url], 8000);
+  assert(done.stdout === '204', `expected 204 for Last-Event-ID: 5 of count=5, got ${done.stdout} (exit ${done.code})`);
+});
+
+check('poll: Chromium EventSource reads 8 orders once each in order, then 204 closes it', async () => {
+  assert(existsSync(CHROMIUM), `no browser at ${CHROMIUM} (apt-get install -y chromium)`);
+  const page = await newPage();
+  try {
+    const result = await page.evaluate(collectEvents, { url: '/poll?wait=50ms&count=8', timeoutMs: 20000 });
+    // The stream ends after order 8 (continue: false); the automatic reconnect carries
+    // Last-Event-ID: 8 and gets 204, which closes the EventSource.
+    log(`  ${checkCollected(result, 8)}`);
+    delivered += 8;
+  } finally {
+    await page.close();
+  }
+});
+
+check('poll: Chromium EventSource reconnects and resumes at the right cursor (count=6, cut=3)', async () => {
+  const page = await newPage();
+  try {
+    const result = await page.evaluate(collectEvents, { url: '/poll?wait=50ms&count=6&cut=3', timeoutMs: 20000 });
+    // Cut after order 3: the reconnect must ask for previous=3 and get 4, 5, 6 (no loss,
+    // no replay); then 204 closes it.
+    log(`  ${checkCollected(result, 6, { minOpens: 2 })}`);
+    delivered += 6;
+  } finally {
+    await page.close();
+  }
+});
+
+check('poll: /metrics counts the poll calls', async () => {
+  if (DIRECT) {
+    throw new Skip('--direct mode: there is no ssegate to ask');
+  }
+  const res = await fetch(`${ADMIN_BASE}/metrics`, { signal: AbortSignal.timeout(5000) });
+  const text = await res.text();
+  const ok = sumMetric(text, 'ssegate_poll_requests_total');
+  const success = ok.series.filter((s) => s.includes('outcome="success"') && s.includes('route="demo/orders"'));
+  assert(success.length === 1 && Number(success[0].split(' ').pop()) > 0,
+    `no ssegate_poll_requests_total{outcome="success",route="demo/orders"} > 0 in:\n${ok.series.join('\n')}`);
+  log(`  ${ok.series.join('; ')}`);
+});
 
 check('/metrics counts the events and connections', async () => {
   if (DIRECT) {
