@@ -398,7 +398,10 @@ mod tests {
     fn orders_follow_the_cursor() {
         let a = answer("wait=250ms&batch=2").unwrap();
         assert_eq!(ns(&a), [1, 2]);
-        assert_eq!((a["next"].as_u64(), a["continue"].as_bool()), (Some(2), Some(true)));
+        assert_eq!(
+            (a["next"].as_u64(), a["continue"].as_bool()),
+            (Some(2), Some(true))
+        );
         assert_eq!(a["wait"], 250);
         assert_eq!(a["list"][0], serde_json::json!({"n": 1, "time": "7"}));
         assert_eq!(ns(&answer("batch=2&previous=2").unwrap()), [3, 4]);
@@ -407,12 +410,21 @@ mod tests {
     #[test]
     fn orders_end_at_count_and_cut() {
         let last = answer("count=5&batch=2&previous=4").unwrap();
-        assert_eq!((ns(&last), last["continue"].as_bool()), (vec![5], Some(false)));
+        assert_eq!(
+            (ns(&last), last["continue"].as_bool()),
+            (vec![5], Some(false))
+        );
         assert_eq!(answer("count=5&previous=5"), None);
         let cut = answer("count=6&cut=3&batch=5").unwrap();
-        assert_eq!((ns(&cut), cut["continue"].as_bool()), (vec![1, 2, 3], Some(false)));
+        assert_eq!(
+            (ns(&cut), cut["continue"].as_bool()),
+            (vec![1, 2, 3], Some(false))
+        );
         let resumed = answer("count=6&cut=3&batch=5&previous=3").unwrap();
-        assert_eq!((ns(&resumed), resumed["continue"].as_bool()), (vec![4, 5, 6], Some(false)));
+        assert_eq!(
+            (ns(&resumed), resumed["continue"].as_bool()),
+            (vec![4, 5, 6], Some(false))
+        );
         assert!(parse_order_params("previous=x").is_err());
     }
 }
