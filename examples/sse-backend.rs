@@ -241,7 +241,7 @@ fn orders_answer(p: &OrderParams, now_millis: u128) -> Option<String> {
         .map(|n| format!(r#"{{"n":{n},"time":"{now_millis}"}}"#))
         .collect();
     let done = p.count.is_some_and(|count| last >= count);
-    let cut = p.cut.is_some_and(|cut| last % cut == 0);
+    let cut = p.cut.is_some_and(|cut| last.is_multiple_of(cut));
     Some(format!(
         r#"{{"list":[{}],"continue":{},"wait":{},"next":{last}}}"#,
         list.join(","),
