@@ -321,6 +321,39 @@ mod tests {
         assert!(parse(&["run", "--lease-duration", "5"]).is_err());
     }
 
+    /// The install manifest runs real flags and sets real environment variables.
+    #[test]
+    fn install_deployment_uses_real_flags() {
+        use clap::CommandFactory;
+        let deploy: serde_yaml::Value =
+            serde_yaml::from_str(include_str!("../manifests/install/deployment.yaml")).unwrap();
+        let container = &deploy["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<&str> = container["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let run = parse(&args).unwrap();
+        assert!(run.config.is_none(), "the Deployment must run in cluster mode");
+        assert!(run.validate().is_ok());
+        assert_eq!(run.listen.port(), 8080);
+        assert_eq!(run.admin.port(), 10254);
+        let cli = Cli::command();
+        let known: Vec<String> = cli
+            .find_subcommand("run")
+            .unwrap()
+            .get_arguments()
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect();
+        let envs = container["env"].as_sequence().unwrap();
+        assert!(!envs.is_empty());
+        for e in envs {
+            let name = e["name"].as_str().unwrap();
+            assert!(known.iter().any(|k| k == name), "{name} is not a flag's variable");
+        }
+    }
+
     #[test]
     fn bad_values_are_clear_errors() {
         let e = parse(&["run", "--listen", "nope"]).unwrap_err().to_string();

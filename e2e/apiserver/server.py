@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import pathlib
@@ -57,7 +58,20 @@ async def serve(args: argparse.Namespace) -> None:
     emulator = ApiServerEmulator(store=Store(history_size=args.watch_history),
                                  bookmark_interval=args.bookmark_interval)
     async with emulator:  # kmock's handler must be entered (it then reports its errors as Status objects)
-        server = aiohttp.web.Server(emulator, handler_cancellation=True)
+        handler = emulator
+        if args.audit_log:
+            audit = open(args.audit_log, 'a', encoding='utf-8', buffering=1)
+
+            async def handler(request):  # noqa: F811 - wraps the emulator
+                auth = request.headers.get('Authorization', '')
+                audit.write(json.dumps({
+                    'user': auth.split(' ', 1)[1] if ' ' in auth else '',
+                    'method': request.method,
+                    'path': request.path,
+                    'query': request.query_string,
+                }) + '\n')
+                return await emulator(request)
+        server = aiohttp.web.Server(handler, handler_cancellation=True)
         runner = aiohttp.web.ServerRunner(server, shutdown_timeout=2.0)
         await runner.setup()
         site = aiohttp.web.TCPSite(runner, args.host, args.port)
@@ -99,6 +113,8 @@ def main() -> None:
                         help='seconds between BOOKMARK events (only for watches with allowWatchBookmarks=true)')
     parser.add_argument('--log-level', default='INFO')
     parser.add_argument('--access-log', action='store_true', help='log every request')
+    parser.add_argument('--audit-log', metavar='FILE',
+                        help='append one JSON line per request: user (the bearer token), method, path, query')
     args = parser.parse_args()
     logging.basicConfig(level=args.log_level, format='%(asctime)s %(name)s %(levelname)s %(message)s')
     if not args.access_log:
