@@ -335,7 +335,10 @@ mod tests {
             .map(|a| a.as_str().unwrap())
             .collect();
         let run = parse(&args).unwrap();
-        assert!(run.config.is_none(), "the Deployment must run in cluster mode");
+        assert!(
+            run.config.is_none(),
+            "the Deployment must run in cluster mode"
+        );
         assert!(run.validate().is_ok());
         assert_eq!(run.listen.port(), 8080);
         assert_eq!(run.admin.port(), 10254);
@@ -350,7 +353,10 @@ mod tests {
         assert!(!envs.is_empty());
         for e in envs {
             let name = e["name"].as_str().unwrap();
-            assert!(known.iter().any(|k| k == name), "{name} is not a flag's variable");
+            assert!(
+                known.iter().any(|k| k == name),
+                "{name} is not a flag's variable"
+            );
         }
     }
 
