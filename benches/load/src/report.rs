@@ -64,7 +64,8 @@ fn ms_signed(ns: i64) -> String {
 fn skipped_rows(out: &mut String, rows: &[Row], cols: usize) {
     for r in rows {
         if let Some(why) = &r.skipped {
-            let first = why.lines().next().unwrap_or("");
+            // The last line of a failed start is the process's own complaint.
+            let first = why.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
             let _ = writeln!(
                 out,
                 "| {} | not run: {} |{}",

@@ -228,13 +228,15 @@ backend be\n  balance roundrobin\n{servers}",
 }
 
 /// caddy for SSE: `flush_interval -1` (flush after every write; caddy also does this by
-/// itself for `text/event-stream`), no admin endpoint, no automatic HTTPS.
+/// itself for `text/event-stream`), any Host, no admin endpoint, no automatic HTTPS.
 pub fn caddyfile(listen: SocketAddr, upstreams: &[SocketAddr]) -> String {
     let ups: Vec<String> = upstreams.iter().map(|a| a.to_string()).collect();
     format!(
-        "{{\n  admin off\n  auto_https off\n  persist_config off\n}}\n\
-http://{listen} {{\n  reverse_proxy {} {{\n    lb_policy round_robin\n    flush_interval -1\n  }}\n}}\n",
-        ups.join(" ")
+        "{{\n  admin off\n  auto_https off\n}}\n\
+http://:{port} {{\n  bind {ip}\n  reverse_proxy {} {{\n    lb_policy round_robin\n    flush_interval -1\n  }}\n}}\n",
+        ups.join(" "),
+        port = listen.port(),
+        ip = listen.ip()
     )
 }
 
