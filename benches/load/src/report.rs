@@ -65,7 +65,11 @@ fn skipped_rows(out: &mut String, rows: &[Row], cols: usize) {
     for r in rows {
         if let Some(why) = &r.skipped {
             // The last line of a failed start is the process's own complaint.
-            let first = why.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+            let first = why
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
             let _ = writeln!(
                 out,
                 "| {} | not run: {} |{}",
@@ -349,8 +353,7 @@ mod tests {
 
     #[test]
     fn ratios_are_against_ssegate_and_targets_are_judged() {
-        let mut res = Results::default();
-        res.bulk = vec![
+        let bulk = vec![
             row("ssegate", 10_000_000, 1.0),
             row("nginx", 4_000_000, 1.0),
         ];
@@ -361,12 +364,18 @@ mod tests {
         let mut d = row("direct", 1000, 0.0);
         d.cpu_s = None;
         d.latency = Some([1_900_000, 1_000_000, 2_000_000]);
-        res.latency = vec![s, d, n];
+        let latency = vec![s, d, n];
         let mut sc = row("ssegate", 0, 0.0);
         sc.rss_kib = Some((1000, 1000 + 400));
         let mut hc = row("haproxy", 0, 0.0);
         hc.rss_kib = Some((1000, 1000 + 480));
-        res.scale = vec![sc, hc];
+        let scale = vec![sc, hc];
+        let res = Results {
+            bulk,
+            latency,
+            scale,
+            reload: vec![],
+        };
         let t = tables(&res);
         assert!(t.contains("| nginx | 4.00 M | 0.40× |"), "{t}");
         assert!(t.contains("| nginx | 40.0 | 2.00× |"), "{t}");
