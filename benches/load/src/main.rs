@@ -331,6 +331,7 @@ async fn run(plan: &Plan, common: &CommonArgs, fd_limit: u64) -> anyhow::Result<
         upstreams,
         ssegate_bin,
         max_streams,
+        fd_limit,
     };
     eprintln!(
         "fd limit {fd_limit}; upstream on {:?}; work dir {}",

@@ -366,7 +366,8 @@ fn change_config(env: &Env, t: &Running, generation: u32) -> anyhow::Result<()> 
         }
         Kind::Nginx => {
             let dir = env.work.join("nginx");
-            let mut conf = targets::nginx_conf(&dir, t.addr, &env.upstreams, env.max_streams);
+            let mut conf =
+                targets::nginx_conf(&dir, t.addr, &env.upstreams, env.max_streams, env.fd_limit);
             let extra = format!(
                 "    location /generation-{generation} {{ proxy_pass http://sse; proxy_buffering off; }}\n    location / {{"
             );

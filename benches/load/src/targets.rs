@@ -83,6 +83,8 @@ pub struct Env {
     pub ssegate_bin: PathBuf,
     /// Most client connections any scenario opens (sizes connection limits).
     pub max_streams: usize,
+    /// The open-files limit every process here runs under (`ulimit -Hn`).
+    pub fd_limit: u64,
 }
 
 /// A started target.
@@ -188,12 +190,15 @@ pub fn write_ssegate_config(
 }
 
 /// nginx for SSE: `proxy_buffering off` (each upstream read is written to the client at
-/// once), HTTP/1.1 upstream, day-long read/send timeouts, no access log.
+/// once), HTTP/1.1 upstream, day-long read/send timeouts, no access log. Its fd and
+/// connection limits fit `max_conns` streams and never exceed `fd_limit` (an unprivileged
+/// container cannot raise the hard limit).
 pub fn nginx_conf(
     work: &Path,
     listen: SocketAddr,
     upstreams: &[SocketAddr],
     max_conns: usize,
+    fd_limit: u64,
 ) -> String {
     let w = work.display();
     let servers: String = upstreams
@@ -206,13 +211,20 @@ events {{\n  worker_connections {nofile};\n  multi_accept on;\n}}\n\
 http {{\n  access_log off;\n  client_body_temp_path {w}/client_body;\n  proxy_temp_path {w}/proxy;\n  fastcgi_temp_path {w}/fastcgi;\n  uwsgi_temp_path {w}/uwsgi;\n  scgi_temp_path {w}/scgi;\n\
   upstream sse {{\n{servers}  }}\n\
   server {{\n    listen {listen} backlog=4096;\n    location / {{\n      proxy_pass http://sse;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n      proxy_cache off;\n      proxy_read_timeout 24h;\n      proxy_send_timeout 24h;\n    }}\n  }}\n}}\n",
-        nofile = 2 * max_conns + 1024,
+        nofile = (2 * max_conns as u64 + 1024).min(fd_limit),
     )
 }
 
 /// haproxy for SSE: HTTP mode (it streams responses as they come), `http-no-delay` so each
-/// chunk is sent at once, day-long client/server/tunnel timeouts, no log.
-pub fn haproxy_cfg(listen: SocketAddr, upstreams: &[SocketAddr], max_conns: usize) -> String {
+/// chunk is sent at once, day-long client/server/tunnel timeouts, no log. `maxconn` fits
+/// `max_conns` streams within `fd_limit` (haproxy refuses to start when it cannot get
+/// two fds per connection).
+pub fn haproxy_cfg(
+    listen: SocketAddr,
+    upstreams: &[SocketAddr],
+    max_conns: usize,
+    fd_limit: u64,
+) -> String {
     let servers: String = upstreams
         .iter()
         .enumerate()
@@ -223,7 +235,7 @@ pub fn haproxy_cfg(listen: SocketAddr, upstreams: &[SocketAddr], max_conns: usiz
 defaults\n  mode http\n  timeout connect 5s\n  timeout http-request 30s\n  timeout client 24h\n  timeout server 24h\n  timeout tunnel 24h\n  option http-no-delay\n\
 frontend fe\n  bind {listen}\n  maxconn {mc}\n  default_backend be\n\
 backend be\n  balance roundrobin\n{servers}",
-        mc = max_conns + 1024,
+        mc = (max_conns as u64 + 1024).min(fd_limit.saturating_sub(100) / 2),
     )
 }
 
@@ -282,7 +294,7 @@ pub async fn start(kind: Kind, env: &Env) -> anyhow::Result<Running> {
             let conf = dir.join("nginx.conf");
             std::fs::write(
                 &conf,
-                nginx_conf(&dir, addr, &env.upstreams, env.max_streams),
+                nginx_conf(&dir, addr, &env.upstreams, env.max_streams, env.fd_limit),
             )?;
             let mut c = Command::new("nginx");
             c.arg("-p")
@@ -295,7 +307,10 @@ pub async fn start(kind: Kind, env: &Env) -> anyhow::Result<Running> {
         }
         Kind::Haproxy => {
             let conf = dir.join("haproxy.cfg");
-            std::fs::write(&conf, haproxy_cfg(addr, &env.upstreams, env.max_streams))?;
+            std::fs::write(
+                &conf,
+                haproxy_cfg(addr, &env.upstreams, env.max_streams, env.fd_limit),
+            )?;
             let mut c = Command::new("haproxy");
             c.arg("-db").arg("-f").arg(&conf);
             c
@@ -361,7 +376,7 @@ mod tests {
     #[test]
     fn proxies_are_configured_for_sse() {
         let listen = "127.0.0.1:8000".parse().unwrap();
-        let n = nginx_conf(Path::new("/w"), listen, &ups(), 10_000);
+        let n = nginx_conf(Path::new("/w"), listen, &ups(), 10_000, 1 << 20);
         for needle in [
             "proxy_buffering off;",
             "proxy_read_timeout 24h;",
@@ -372,7 +387,7 @@ mod tests {
         ] {
             assert!(n.contains(needle), "nginx lacks {needle}:\n{n}");
         }
-        let h = haproxy_cfg(listen, &ups(), 10_000);
+        let h = haproxy_cfg(listen, &ups(), 10_000, 1 << 20);
         for needle in [
             "option http-no-delay",
             "timeout server 24h",
@@ -381,6 +396,12 @@ mod tests {
         ] {
             assert!(h.contains(needle), "haproxy lacks {needle}:\n{h}");
         }
+        // Under a low fd limit the limits shrink to fit it.
+        assert!(
+            nginx_conf(Path::new("/w"), listen, &ups(), 9_900, 20_000)
+                .contains("worker_connections 20000;")
+        );
+        assert!(haproxy_cfg(listen, &ups(), 9_900, 20_000).contains("maxconn 9950\n"));
         let c = caddyfile(listen, &ups());
         assert!(c.contains("flush_interval -1"), "{c}");
         assert!(
