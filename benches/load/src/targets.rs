@@ -210,7 +210,7 @@ pub fn nginx_conf(
 events {{\n  worker_connections {nofile};\n  multi_accept on;\n}}\n\
 http {{\n  access_log off;\n  client_body_temp_path {w}/client_body;\n  proxy_temp_path {w}/proxy;\n  fastcgi_temp_path {w}/fastcgi;\n  uwsgi_temp_path {w}/uwsgi;\n  scgi_temp_path {w}/scgi;\n\
   upstream sse {{\n{servers}  }}\n\
-  server {{\n    listen {listen} backlog=4096;\n    location / {{\n      proxy_pass http://sse;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n      proxy_cache off;\n      proxy_read_timeout 24h;\n      proxy_send_timeout 24h;\n    }}\n  }}\n}}\n",
+  server {{\n    listen {listen};\n    location / {{\n      proxy_pass http://sse;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n      proxy_cache off;\n      proxy_read_timeout 24h;\n      proxy_send_timeout 24h;\n    }}\n  }}\n}}\n",
         nofile = (2 * max_conns as u64 + 1024).min(fd_limit),
     )
 }
