@@ -270,6 +270,19 @@ def setup() -> tuple[int, list[Replica]]:
         pathlib.Path(SSEGATE_KUBECONFIG).write_text(yaml.safe_dump(cfg))
         log(f'emulator at {ready.read_text().strip()}')
 
+    apply(f'apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n')
+    backend_port = free_port()
+    spawn('sse-backend', [str(BACKEND), '--listen', f'{BACKEND_IP}:{backend_port}'])
+    wait_for(lambda: http_code(f'http://{BACKEND_IP}:{backend_port}/healthz') == '200', 'the example backend starts')
+
+    replicas = []
+    if not REAL:
+        # Started before the CRD exists: the SseRoute watch fails (404) and backs off, and
+        # /readyz stays 503 until every watch has listed.
+        replicas = [Replica('ssegate-a'), Replica('ssegate-b')]
+        wait_for(lambda: 'watch failed' in (WORK / 'ssegate-a.log').read_text(), 'the SseRoute watch fails without the CRD')
+        time.sleep(1.0)
+        check(not any(r.ready() for r in replicas), 'not ready while the SseRoute watch fails (no CRD yet)')
     kubectl('apply', *([] if REAL else ['--validate=false']), '-f', str(REPO / 'crds'))
     kubectl('wait', '--for=condition=Established', '--timeout=30s', 'crd/sseroutes.ssegate.io')
     ok('the CRD from crds/ applies and is Established')
@@ -278,16 +291,11 @@ def setup() -> tuple[int, list[Replica]]:
         out = kubectl('apply', '--validate=false', '-f', str(REPO / 'crds'), '-f', str(REPO / 'manifests/install'))
         check('deployment.apps/ssegate created' in out and 'clusterrole.rbac.authorization.k8s.io/ssegate created' in out,
               'kubectl apply -f crds/ -f manifests/install/ installs ssegate', out)
-    apply(f'apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n')
-
-    backend_port = free_port()
-    spawn('sse-backend', [str(BACKEND), '--listen', f'{BACKEND_IP}:{backend_port}'])
-    wait_for(lambda: http_code(f'http://{BACKEND_IP}:{backend_port}/healthz') == '200', 'the example backend starts')
-
-    replicas = [Replica('ssegate-a'), Replica('ssegate-b')]
+    else:
+        replicas = [Replica('ssegate-a'), Replica('ssegate-b')]
     for r in replicas:
-        wait_for(r.ready, f'{r.name} /readyz after the initial lists', timeout=20)
-    ok('both replicas are ready (every watch listed, first table published)')
+        wait_for(r.ready, f'{r.name} /readyz after the initial lists', timeout=30)
+    ok('both replicas are ready (every watch listed after backoff, first table published)')
     return backend_port, replicas
 
 
@@ -321,6 +329,18 @@ def scenario_2(backend_port: int, replicas: list[Replica]) -> None:
         events = wait_for(lambda: curl_events(r.url('/feed?interval=100ms&count=3'), 3),
                           f'curl -N through {r.name}')
         check(len(events) == 3, f'curl -N through {r.name} receives the events', repr(events))
+    if not REAL:
+        # The emulator does not validate against the schema (a real cluster rejects this at
+        # apply time): an SseRoute that does not deserialize is reported and skipped.
+        apply(route_yaml('broken', '/broken').replace('port: 80', 'port: [80]'))
+        obj = wait_for(lambda: condition(o := route_obj('broken'), 'Accepted').get('reason') == 'InvalidSpec' and o,
+                       'the unreadable route gets a status')
+        acc = condition(obj, 'Accepted')
+        check(acc.get('status') == 'False' and 'spec.rules[0].backend.port' in acc.get('message', ''),
+              'an SseRoute that does not deserialize: Accepted=False, InvalidSpec, names the field', json.dumps(acc))
+        check(len(curl_events(replicas[0].url('/feed?interval=100ms&count=2'), 3)) == 2,
+              'the other routes keep working')
+        kubectl('delete', 'sseroute', 'broken', '-n', NS)
     theirs = route_obj('theirs')
     check(not theirs.get('status'), 'a route of another class gets no status', json.dumps(theirs.get('status')))
     check(http_code(replicas[0].url('/theirs')) == '404', 'a route of another class is not served')
