@@ -384,8 +384,10 @@ async fn main() -> std::process::ExitCode {
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = measure(pid);
-    let _ = gate.kill();
-    let _ = backend.kill();
+    for child in [&mut gate, &mut backend] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 
     let gaps = stats.gaps.load(Ordering::Relaxed);
     let fd_drift = pct(start.0 as f64, end.0 as f64);
