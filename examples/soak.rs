@@ -337,7 +337,7 @@ async fn main() -> std::process::ExitCode {
                 write_atomic(
                     &config,
                     "route.yaml",
-                    &route_yaml(if n % 2 == 0 { "15s" } else { "16s" }),
+                    &route_yaml(if n.is_multiple_of(2) { "15s" } else { "16s" }),
                 );
             }
         })
