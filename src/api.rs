@@ -62,6 +62,23 @@ pub struct SseRouteSpec {
     /// Path rules; the most specific match wins (Exact beats the longest Prefix).
     #[schemars(length(min = 1))]
     pub rules: Vec<RouteRule>,
+    /// TLS termination for this route's hostnames on the TLS listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RouteTls>,
+}
+
+/// TLS termination of a route (`spec.tls`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteTls {
+    /// A `kubernetes.io/tls` Secret (keys `tls.crt`, `tls.key`) in the route's namespace; its
+    /// certificate is served, by SNI, for the route's `hostnames` (a route without hostnames
+    /// provides the certificate for names no other route covers).
+    pub secret_name: String,
+    /// Answer plain-HTTP requests for this route with `308 Permanent Redirect` to `https://`
+    /// (same host, path and query) instead of proxying them.
+    #[serde(default)]
+    pub redirect: bool,
 }
 
 /// One path match and where its streams go.
@@ -213,6 +230,49 @@ pub struct BackendRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024), regex(pattern = REWRITE_PATTERN))]
     pub rewrite_path: Option<String>,
+    /// HTTP version spoken to the backend: `http1` (default), `h2c` (HTTP/2 over cleartext,
+    /// prior knowledge) or `h2` (HTTP/2 over TLS; needs `tls.enabled`).
+    #[serde(default)]
+    pub protocol: BackendProtocol,
+    /// TLS to the backend (HTTPS upstreams).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BackendTls>,
+}
+
+/// HTTP version spoken to a backend.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum BackendProtocol {
+    /// HTTP/1.1 (over TLS when `tls.enabled`).
+    #[default]
+    #[serde(rename = "http1")]
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge.
+    #[serde(rename = "h2c")]
+    H2c,
+    /// HTTP/2 over TLS (ALPN `h2`); requires `tls.enabled: true`.
+    #[serde(rename = "h2")]
+    H2,
+}
+
+/// TLS from ssegate to a backend (`backend.tls`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendTls {
+    /// Connect to the backend with TLS and verify its certificate.
+    #[serde(default)]
+    pub enabled: bool,
+    /// A Secret in the route's namespace whose `ca.crt` holds the CA certificate(s) that sign
+    /// the backend's certificate. Unset: the public web roots bundled with ssegate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_name: Option<String>,
+    /// The name the backend's certificate must carry (and the SNI sent). Unset:
+    /// `<service>.<namespace>.svc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// A `kubernetes.io/tls` Secret in the route's namespace presented as client certificate
+    /// (mutual TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_secret_name: Option<String>,
 }
 
 /// A Service port given by number or name (`x-kubernetes-int-or-string`).
@@ -642,6 +702,8 @@ mod tests {
         assert_eq!(rule.timeouts.idle, Duration::ZERO);
         assert_eq!(rule.max_connections, 0);
         assert_eq!(rule.backend.port, PortRef::Number(8080));
+        assert_eq!(rule.backend.protocol, BackendProtocol::Http1);
+        assert!(rule.backend.tls.is_none() && spec.tls.is_none());
         assert_eq!(rule.load_balancing, LoadBalancing::default());
         assert_eq!(rule.load_balancing.policy, BalancePolicy::RoundRobin);
     }
@@ -689,6 +751,29 @@ mod tests {
         assert_eq!(partial.default_wait, Duration::from_secs(1));
         assert_eq!(partial.event_type, "order");
         assert!(!partial.end_event);
+    }
+
+    #[test]
+    fn tls_fields_parse() {
+        let spec: SseRouteSpec = serde_yaml::from_str(
+            "tls: {secretName: cert, redirect: true}\nrules:\n- match: {path: /n}\n  backend:\n    service: s\n    port: 443\n    protocol: h2\n    tls: {enabled: true, caSecretName: ca, serverName: b.internal, clientCertSecretName: me}\n",
+        )
+        .unwrap();
+        let tls = spec.tls.unwrap();
+        assert_eq!((tls.secret_name.as_str(), tls.redirect), ("cert", true));
+        let b = &spec.rules[0].backend;
+        assert_eq!(b.protocol, BackendProtocol::H2);
+        let bt = b.tls.as_ref().unwrap();
+        assert!(bt.enabled);
+        assert_eq!(bt.ca_secret_name.as_deref(), Some("ca"));
+        assert_eq!(bt.server_name.as_deref(), Some("b.internal"));
+        assert_eq!(bt.client_cert_secret_name.as_deref(), Some("me"));
+        assert!(
+            serde_yaml::from_str::<BackendProtocol>("http2")
+                .unwrap_err()
+                .to_string()
+                .contains("http2")
+        );
     }
 
     #[test]

@@ -36,3 +36,4 @@ pub mod server;
 pub mod source;
 pub mod sse;
 pub mod status;
+pub mod tls;

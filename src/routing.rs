@@ -25,12 +25,17 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 
-use crate::api::{BalancePolicy, LoadBalancing, Mode, PathType, PortRef, RouteRule, SseRoute};
+use crate::api::{
+    BackendProtocol, BalancePolicy, LoadBalancing, Mode, PathType, PortRef, RouteRule, SseRoute};
 use crate::balance::{Backend, EndpointStore, KeySource, Policy};
 use crate::metrics::{BalanceSource, BalanceView, Metrics, RouteMetrics};
 use crate::poll::PollConfig;
 use crate::source::Snapshot;
 use crate::status::{ACCEPTED, CondState, READY, RESOLVED_REFS, RouteReport};
+use crate::tls::{
+    CertStore, CertStoreBuilder, Purpose, SecretIndex, SecretLookup, SecretProblem, TlsState,
+    UpstreamTls,
+};
 
 /// The label EndpointSlices carry to name their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -43,12 +48,16 @@ pub struct CompileOptions {
     /// Routes whose `spec.className` names another class are ignored; routes without one
     /// are served.
     pub class: String,
+    /// `namespace/name` of a `kubernetes.io/tls` Secret served to TLS clients whose SNI name
+    /// no route covers (`--default-cert-secret`).
+    pub default_cert_secret: Option<String>,
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
         CompileOptions {
             class: DEFAULT_CLASS.to_string(),
+            default_cert_secret: None,
         }
     }
 }
@@ -93,6 +102,13 @@ pub struct Rule {
     pub active: Arc<AtomicUsize>,
     /// Ready endpoints of the backend Service port.
     pub backend: Arc<Backend>,
+    /// `spec.tls.redirect`: plain-HTTP requests get a 308 to `https://` instead.
+    pub https_redirect: bool,
+    /// HTTP version spoken to the backend.
+    pub protocol: BackendProtocol,
+    /// TLS to the backend: `None` = cleartext; `Err` = configured but unusable (why), every
+    /// request answers 502.
+    pub upstream_tls: Option<Result<Arc<UpstreamTls>, Arc<str>>>,
 }
 
 impl Rule {
@@ -164,6 +180,7 @@ pub struct RouteTable {
     wildcard_hosts: Vec<(Box<str>, PathRules)>,
     any_host: PathRules,
     routes: usize,
+    certs: CertStore,
 }
 
 impl RouteTable {
@@ -175,6 +192,11 @@ impl RouteTable {
     /// Number of routes with at least one served rule.
     pub fn route_count(&self) -> usize {
         self.routes
+    }
+
+    /// Server certificates by SNI name, for the TLS listener.
+    pub fn certs(&self) -> &CertStore {
+        &self.certs
     }
 
     /// Finds the rule for a request. `host` must be lower-case without a port.
@@ -203,6 +225,7 @@ pub struct StateStore {
     routes: Mutex<HashMap<String, RouteMetrics>>,
     rules: Mutex<HashMap<RuleId, Arc<AtomicUsize>>>,
     endpoints: EndpointStore,
+    tls: TlsState,
 }
 
 impl StateStore {
@@ -213,6 +236,7 @@ impl StateStore {
             routes: Mutex::default(),
             rules: Mutex::default(),
             endpoints: EndpointStore::default(),
+            tls: TlsState::default(),
         }
     }
 
@@ -269,6 +293,12 @@ pub fn compile(
     });
 
     let mut builder = TableBuilder::default();
+    let mut certs = CertStoreBuilder::default();
+    let mut secrets = SecretUse {
+        state: &state.tls,
+        index: &index.secrets,
+        used: HashSet::new(),
+    };
     let mut reports = Vec::with_capacity(routes.len());
     let mut live_routes = Vec::new();
     let mut live_rules = Vec::new();
@@ -296,6 +326,15 @@ pub fn compile(
 
         let mut served_rules = 0;
         let mut conflicts = Vec::new();
+        let mut secret_problems: Vec<SecretProblem> = Vec::new();
+        let route_cert = match (&route.spec.tls, &invalid) {
+            (Some(t), None) => {
+                let l = secrets.key_pair(&ns, &t.secret_name);
+                secret_problems.extend(l.problem);
+                l.value
+            }
+            _ => None,
+        };
         if invalid.is_none() {
             let metrics = state.route_metrics(&key);
             let mut backends: Vec<Arc<dyn BalanceSource>> = Vec::new();
@@ -337,6 +376,9 @@ pub fn compile(
                     max_connections: rule.max_connections,
                     active: state.rule_counter(id.clone()),
                     backend: backend.clone(),
+                    https_redirect: route.spec.tls.as_ref().is_some_and(|t| t.redirect),
+                    protocol: rule.backend.protocol,
+                    upstream_tls: upstream_tls(&mut secrets, &ns, rule, &mut secret_problems),
                 });
                 match builder.insert(&route.spec.hostnames, &key, compiled) {
                     Ok(()) => {
@@ -355,8 +397,17 @@ pub fn compile(
             }
         }
 
+        secret_problems.dedup();
+        let bad_certs: Vec<&str> = secret_problems
+            .iter()
+            .filter(|p| matches!(p, SecretProblem::Invalid(_)))
+            .map(SecretProblem::message)
+            .collect();
         conds.push(match (&invalid, served_rules, conflicts.is_empty()) {
             (Some((reason, msg)), _, _) => CondState::fail(ACCEPTED, reason, msg.clone()),
+            (None, _, _) if !bad_certs.is_empty() => {
+                CondState::fail(ACCEPTED, "InvalidCertificate", bad_certs.join("; "))
+            }
             (None, 0, false) => CondState::fail(ACCEPTED, "Conflicted", conflicts.join("; ")),
             (None, _, true) => CondState::ok(ACCEPTED, "Accepted", "route is valid and served"),
             (None, _, false) => CondState::ok(
@@ -366,8 +417,14 @@ pub fn compile(
             ),
         });
 
-        let failures: Vec<&(String, String)> =
-            resolved.iter().filter_map(|r| r.as_ref().err()).collect();
+        let failures: Vec<(String, String)> = resolved
+            .iter()
+            .filter_map(|r| r.as_ref().err().cloned())
+            .chain(secret_problems.iter().filter_map(|p| match p {
+                SecretProblem::NotFound(m) => Some(("SecretNotFound".to_string(), m.clone())),
+                SecretProblem::Invalid(_) => None,
+            }))
+            .collect();
         conds.push(match failures.first() {
             None => CondState::ok(RESOLVED_REFS, "ResolvedRefs", "all backends resolved"),
             Some((reason, _)) => CondState::fail(
@@ -404,6 +461,9 @@ pub fn compile(
 
         if served_rules > 0 {
             live_routes.push(key.clone());
+            if let Some(cert) = &route_cert {
+                certs.insert(&route.spec.hostnames, cert);
+            }
         }
         reports.push(RouteReport {
             namespace: ns,
@@ -414,12 +474,88 @@ pub fn compile(
         });
     }
 
+    if let Some(reference) = &opts.default_cert_secret {
+        let (ns, name) = reference.split_once('/').unwrap_or(("default", reference));
+        let l = secrets.key_pair(ns, name);
+        certs.default_cert(l.value, l.problem.map(|p| p.message().to_string()));
+    }
     state.prune(&live_routes, &live_rules);
     state.endpoints.sweep(&resolved_backends, &live_endpoints);
     state.metrics.set_balance_view(balance_view);
+    state.tls.retain(&secrets.used);
     let mut table = builder.finish();
     table.routes = live_routes.len();
+    table.certs = certs.finish();
     (table, reports)
+}
+
+/// Secret lookups of one compile, remembering which Secrets were referenced.
+struct SecretUse<'a> {
+    state: &'a TlsState,
+    index: &'a SecretIndex<'a>,
+    used: HashSet<(String, String, Purpose)>,
+}
+
+impl SecretUse<'_> {
+    fn key_pair(&mut self, ns: &str, name: &str) -> SecretLookup<Arc<rustls::sign::CertifiedKey>> {
+        self.used
+            .insert((ns.to_string(), name.to_string(), Purpose::KeyPair));
+        self.state.key_pair(self.index, ns, name)
+    }
+
+    fn ca(&mut self, ns: &str, name: &str) -> SecretLookup<Arc<rustls::RootCertStore>> {
+        self.used
+            .insert((ns.to_string(), name.to_string(), Purpose::Ca));
+        self.state.ca(self.index, ns, name)
+    }
+}
+
+/// The client-side TLS of a rule's backend, if `backend.tls.enabled`.
+fn upstream_tls(
+    secrets: &mut SecretUse<'_>,
+    ns: &str,
+    rule: &RouteRule,
+    problems: &mut Vec<SecretProblem>,
+) -> Option<Result<Arc<UpstreamTls>, Arc<str>>> {
+    let t = rule.backend.tls.as_ref().filter(|t| t.enabled)?;
+    let roots = match &t.ca_secret_name {
+        None => Some(crate::tls::web_roots()),
+        Some(name) => {
+            let l = secrets.ca(ns, name);
+            problems.extend(l.problem);
+            l.value
+        }
+    };
+    let client = match &t.client_cert_secret_name {
+        None => Some(None),
+        Some(name) => {
+            let l = secrets.key_pair(ns, name);
+            problems.extend(l.problem);
+            l.value.map(Some)
+        }
+    };
+    let name = backend_server_name(ns, rule);
+    let server_name = rustls::pki_types::ServerName::try_from(name.clone());
+    Some(match (roots, client, server_name) {
+        (Some(roots), Some(client), Ok(server_name)) => Ok(Arc::new(UpstreamTls::new(
+            roots,
+            client,
+            rule.backend.protocol,
+            server_name,
+        ))),
+        (_, _, Err(_)) => Err(format!("backend TLS server name {name:?} is not valid").into()),
+        _ => Err("backend TLS is not usable: a referenced Secret is missing or invalid".into()),
+    })
+}
+
+/// The name a backend's certificate is verified against: `backend.tls.serverName`, else
+/// `<service>.<namespace>.svc`.
+fn backend_server_name(ns: &str, rule: &RouteRule) -> String {
+    rule.backend
+        .tls
+        .as_ref()
+        .and_then(|t| t.server_name.clone())
+        .unwrap_or_else(|| format!("{}.{ns}.svc", rule.backend.service))
 }
 
 /// `namespace/name` of a route (namespace `default` when unset).
@@ -456,6 +592,9 @@ fn validate(route: &SseRoute) -> Option<(&'static str, String)> {
     }
     if spec.rules.is_empty() {
         return Some(("InvalidRule", "spec.rules must not be empty".into()));
+    }
+    if spec.tls.as_ref().is_some_and(|t| t.secret_name.is_empty()) {
+        return Some(("InvalidTls", "spec.tls.secretName must not be empty".into()));
     }
     let mut seen = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
@@ -508,6 +647,20 @@ fn validate_rule(rule: &RouteRule) -> Result<(), String> {
             return Err("poll settings are only used with mode: Poll".into());
         }
         _ => {}
+    }
+    let tls = rule.backend.tls.as_ref().filter(|t| t.enabled);
+    if rule.backend.protocol == BackendProtocol::H2 && tls.is_none() {
+        return Err(
+            "backend.protocol h2 needs backend.tls.enabled: true (h2c is HTTP/2 without TLS)"
+                .into(),
+        );
+    }
+    if let Some(name) = tls.and_then(|t| t.server_name.as_deref())
+        && rustls::pki_types::ServerName::try_from(name).is_err()
+    {
+        return Err(format!(
+            "backend.tls.serverName {name:?} is not a DNS name or IP address"
+        ));
     }
     balance_policy(&rule.load_balancing).map(drop)
 }
@@ -621,6 +774,7 @@ fn validate_hostname(h: &str) -> Result<(), String> {
 struct Index<'a> {
     services: HashMap<(&'a str, &'a str), &'a Service>,
     slices: HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    secrets: SecretIndex<'a>,
 }
 
 impl<'a> Index<'a> {
@@ -644,7 +798,18 @@ impl<'a> Index<'a> {
                 slices.entry((ns, svc.as_str())).or_default().push(slice);
             }
         }
-        Index { services, slices }
+        let mut secrets = SecretIndex::new();
+        for secret in &snapshot.secrets {
+            let ns = secret.metadata.namespace.as_deref().unwrap_or("default");
+            if let Some(name) = secret.metadata.name.as_deref() {
+                secrets.insert((ns, name), secret);
+            }
+        }
+        Index {
+            services,
+            slices,
+            secrets,
+        }
     }
 
     /// Ready endpoint addresses of a rule's backend, or `(reason, message)` when the
@@ -794,6 +959,14 @@ pub(crate) mod tests {
     /// Fixture builder: `route("apps", "feed").host("a.example").rule("/p", "svc", 8080)`.
     pub(crate) struct RouteFx(SseRoute);
 
+    pub(crate) trait Tap: Sized {
+        fn tap(mut self, f: impl FnOnce(&mut Self)) -> Self {
+            f(&mut self);
+            self
+        }
+    }
+    impl Tap for SseRoute {}
+
     pub(crate) fn route(ns: &str, name: &str) -> RouteFx {
         let mut r = SseRoute::new(
             name,
@@ -801,6 +974,7 @@ pub(crate) mod tests {
                 hostnames: vec![],
                 class_name: None,
                 rules: vec![],
+                tls: None,
             },
         );
         r.metadata.namespace = Some(ns.into());
@@ -828,6 +1002,8 @@ pub(crate) mod tests {
                     service: svc.into(),
                     port: PortRef::Number(port),
                     rewrite_path: None,
+                    protocol: Default::default(),
+                    tls: None,
                 },
                 mode: Mode::Stream,
                 poll: None,
@@ -867,6 +1043,23 @@ pub(crate) mod tests {
             let rule = self.0.spec.rules.last_mut().unwrap();
             rule.mode = Mode::Poll;
             rule.poll = Some(serde_yaml::from_str(settings).unwrap());
+            self
+        }
+        pub(crate) fn tls(mut self, secret: &str, redirect: bool) -> Self {
+            self.0.spec.tls = Some(crate::api::RouteTls {
+                secret_name: secret.into(),
+                redirect,
+            });
+            self
+        }
+        pub(crate) fn backend_tls(mut self, ca: Option<&str>, protocol: BackendProtocol) -> Self {
+            let b = &mut self.0.spec.rules.last_mut().unwrap().backend;
+            b.protocol = protocol;
+            b.tls = Some(crate::api::BackendTls {
+                enabled: true,
+                ca_secret_name: ca.map(Into::into),
+                ..Default::default()
+            });
             self
         }
         pub(crate) fn class(mut self, c: &str) -> Self {
@@ -1370,6 +1563,123 @@ pub(crate) mod tests {
         );
         compile(&snap(vec![]), &CompileOptions::default(), &state);
         assert!(!metrics.render().contains("ssegate_balance_max_over_mean{"));
+    }
+
+    fn same_cert(
+        a: Option<&Arc<rustls::sign::CertifiedKey>>,
+        b: &rustls::sign::CertifiedKey,
+    ) -> bool {
+        a.is_some_and(|a| a.cert == b.cert)
+    }
+
+    fn key_pair(secret: &k8s_openapi::api::core::v1::Secret) -> rustls::sign::CertifiedKey {
+        crate::tls::key_pair_from_secret(secret).unwrap()
+    }
+
+    #[test]
+    fn tls_routes_publish_their_certificates_by_hostname() {
+        use crate::tls::tests::{self_signed, tls_secret};
+        let (c1, k1) = self_signed(&["a.example"]);
+        let (c2, k2) = self_signed(&["*.b.example"]);
+        let (c3, k3) = self_signed(&["fallback"]);
+        let mut s = snap(vec![
+            route("apps", "a")
+                .host("a.example")
+                .tls("a-cert", true)
+                .rule("/a", "svc", 80)
+                .build(),
+            route("apps", "b")
+                .host("*.b.example")
+                .tls("b-cert", false)
+                .rule("/b", "svc", 80)
+                .build(),
+        ]);
+        s.secrets = vec![
+            tls_secret("apps", "a-cert", &c1, &k1),
+            tls_secret("apps", "b-cert", &c2, &k2),
+            tls_secret("infra", "fallback", &c3, &k3),
+        ];
+        let opts = CompileOptions {
+            default_cert_secret: Some("infra/fallback".into()),
+            ..CompileOptions::default()
+        };
+        let (t, reports) = compile(&s, &opts, &StateStore::new(Metrics::new()));
+        assert!(reports.iter().all(RouteReport::all_ok), "{reports:?}");
+        let certs = t.certs();
+        assert!(same_cert(certs.resolve(Some("a.example")), &key_pair(&s.secrets[0])));
+        assert!(same_cert(certs.resolve(Some("x.b.example")), &key_pair(&s.secrets[1])));
+        assert!(same_cert(certs.resolve(Some("zzz")), &key_pair(&s.secrets[2])));
+        assert!(t.route("a.example", "/a").unwrap().https_redirect);
+        assert!(!t.route("x.b.example", "/b").unwrap().https_redirect);
+    }
+
+    #[test]
+    fn missing_or_bad_certificate_is_reported_and_last_good_kept() {
+        use crate::tls::tests::{self_signed, tls_secret};
+        let state = StateStore::new(Metrics::new());
+        let opts = CompileOptions::default();
+        let r = || {
+            route("apps", "a")
+                .host("a.example")
+                .tls("a-cert", false)
+                .rule("/a", "svc", 80)
+                .build()
+        };
+        let mut s = snap(vec![r()]);
+        let (t, reports) = compile(&s, &opts, &state);
+        let rr = reports[0].condition(RESOLVED_REFS).unwrap();
+        assert_eq!((rr.status, rr.reason.as_str()), (false, "SecretNotFound"));
+        assert!(rr.message.contains("apps/a-cert"));
+        assert!(t.route("a.example", "/a").is_some(), "plain HTTP still served");
+        assert!(t.certs().resolve(Some("a.example")).is_none());
+
+        let (c1, k1) = self_signed(&["a.example"]);
+        s.secrets = vec![tls_secret("apps", "a-cert", &c1, &k1)];
+        let (_, reports) = compile(&s, &opts, &state);
+        assert!(reports[0].all_ok(), "{}", reports[0].summary());
+
+        let (_, other_key) = self_signed(&["x"]);
+        s.secrets = vec![tls_secret("apps", "a-cert", &c1, &other_key)];
+        let (t, reports) = compile(&s, &opts, &state);
+        let acc = reports[0].condition(ACCEPTED).unwrap();
+        assert_eq!((acc.status, acc.reason.as_str()), (false, "InvalidCertificate"));
+        assert!(acc.message.contains("does not match"), "{}", acc.message);
+        let good = tls_secret("apps", "a-cert", &c1, &k1);
+        assert!(same_cert(t.certs().resolve(Some("a.example")), &key_pair(&good)));
+        assert!(t.route("a.example", "/a").is_some());
+    }
+
+    #[test]
+    fn backend_tls_and_protocol_are_validated_and_resolved() {
+        let (t, reports) = compile_all(&snap(vec![
+            route("apps", "h2plain")
+                .rule("/x", "svc", 80)
+                .build()
+                .tap(|r| r.spec.rules[0].backend.protocol = BackendProtocol::H2),
+            route("apps", "noca")
+                .rule("/y", "svc", 80)
+                .backend_tls(Some("missing-ca"), BackendProtocol::H2)
+                .build(),
+            route("apps", "web")
+                .rule("/z", "svc", 80)
+                .backend_tls(None, BackendProtocol::Http1)
+                .build(),
+        ]));
+        let by = |n: &str| reports.iter().find(|r| r.name == n).unwrap();
+        let acc = by("h2plain").condition(ACCEPTED).unwrap();
+        assert_eq!(acc.reason, "InvalidRule");
+        assert!(acc.message.contains("h2c"), "{}", acc.message);
+        assert_eq!(
+            by("noca").condition(RESOLVED_REFS).unwrap().reason,
+            "SecretNotFound"
+        );
+        assert!(matches!(t.route("h", "/y").unwrap().upstream_tls, Some(Err(_))));
+        let web = t.route("h", "/z").unwrap();
+        let Some(Ok(tls)) = &web.upstream_tls else {
+            panic!("expected usable upstream TLS");
+        };
+        assert_eq!(tls.server_name.to_str(), "svc.apps.svc");
+        assert_eq!(tls.config.alpn_protocols, vec![b"http/1.1".to_vec()]);
     }
 
     #[test]
