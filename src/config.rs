@@ -47,6 +47,33 @@ pub struct RunArgs {
     /// Address of the proxy listener (HTTP/1.1 and h2c).
     #[arg(long, env = "SSEGATE_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+    /// Address of the TLS listener (HTTP/2 and HTTP/1.1 by ALPN; certificates from the
+    /// Secrets routes name in spec.tls), or `off`.
+    #[arg(long, env = "SSEGATE_LISTEN_TLS", default_value = "0.0.0.0:8443", value_parser = parse_optional_addr)]
+    pub listen_tls: OptionalAddr,
+    /// Port written into the `https://` Location of `tls.redirect` answers (omitted when 443):
+    /// the port clients reach the TLS listener on from outside.
+    #[arg(long, env = "SSEGATE_HTTPS_PORT", default_value_t = 443)]
+    pub https_port: u16,
+    /// A kubernetes.io/tls Secret `namespace/name` served to TLS clients whose SNI name no
+    /// route covers (and to clients sending no SNI).
+    #[arg(long, env = "SSEGATE_DEFAULT_CERT_SECRET", value_name = "NS/NAME", value_parser = parse_secret_ref, conflicts_with = "default_cert")]
+    pub default_cert_secret: Option<String>,
+    /// PEM certificate chain file served when no Secret covers a name (with --default-key);
+    /// read at start-up.
+    #[arg(long, env = "SSEGATE_DEFAULT_CERT", value_name = "FILE", requires = "default_key")]
+    pub default_cert: Option<PathBuf>,
+    /// PEM private key file of --default-cert.
+    #[arg(long, env = "SSEGATE_DEFAULT_KEY", value_name = "FILE", requires = "default_cert")]
+    pub default_key: Option<PathBuf>,
+    /// Streams a client may open at once on one HTTP/2 connection (default: Go's net/http2
+    /// value; each SSE stream also holds one upstream connection).
+    #[arg(long, env = "SSEGATE_H2_MAX_CONCURRENT_STREAMS", default_value_t = crate::proxy::DEFAULT_H2_MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub h2_max_concurrent_streams: u32,
+    /// Ping HTTP/2 clients after this much connection silence and drop those that do not
+    /// answer within the same time; `0s` disables.
+    #[arg(long, env = "SSEGATE_H2_KEEPALIVE_INTERVAL", default_value = "20s")]
+    pub h2_keepalive_interval: crate::api::Duration,
     /// Address of the admin listener (/metrics, /healthz, /readyz).
     #[arg(long, env = "SSEGATE_ADMIN", default_value = "0.0.0.0:10254")]
     pub admin: SocketAddr,
@@ -172,8 +199,33 @@ impl RunArgs {
                 connect_burst: self.client_connect_burst,
                 max_clients: self.max_tracked_clients,
             },
+            https_port: self.https_port,
+            h2_max_concurrent_streams: self.h2_max_concurrent_streams,
+            h2_keepalive_interval: self.h2_keepalive_interval.non_zero(),
             ..crate::proxy::ProxyConfig::default()
         }
+    }
+}
+
+/// A listener address, or none (`off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(OptionalAddr(None));
+    }
+    s.parse()
+        .map(|a| OptionalAddr(Some(a)))
+        .map_err(|e| format!("{e} (expected HOST:PORT or off)"))
+}
+
+fn parse_secret_ref(s: &str) -> Result<String, String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(s.to_string())
+        }
+        _ => Err("expected NAMESPACE/NAME".into()),
     }
 }
 
@@ -197,6 +249,11 @@ mod tests {
         assert_eq!(a.class, "ssegate");
         assert_eq!(a.log_format, LogFormat::Text);
         assert_eq!(a.config.unwrap(), PathBuf::from("dir"));
+        assert_eq!(a.listen_tls.0.unwrap().to_string(), "0.0.0.0:8443");
+        assert_eq!(a.https_port, 443);
+        assert_eq!(a.h2_max_concurrent_streams, 250);
+        assert_eq!(a.h2_keepalive_interval, crate::api::Duration::from_secs(20));
+        assert!(a.default_cert_secret.is_none() && a.default_cert.is_none());
         let d = super::RunArgs::drain(&parse(&["run"]).unwrap());
         assert_eq!(d, crate::server::DrainConfig::default());
         let p = parse(&["run"]).unwrap().proxy();
@@ -253,6 +310,45 @@ mod tests {
         assert_eq!(p.max_headers, 50);
         assert!(parse(&["run", "--max-header-bytes", "100"]).is_err());
         assert!(parse(&["run", "--drain-window", "soon"]).is_err());
+    }
+
+    #[test]
+    fn tls_flags() {
+        let a = parse(&[
+            "run",
+            "--listen-tls",
+            "off",
+            "--https-port",
+            "8443",
+            "--default-cert-secret",
+            "infra/wildcard",
+            "--h2-max-concurrent-streams",
+            "100",
+            "--h2-keepalive-interval",
+            "0s",
+        ])
+        .unwrap();
+        assert_eq!(a.listen_tls, OptionalAddr(None));
+        assert_eq!(a.https_port, 8443);
+        assert_eq!(a.default_cert_secret.as_deref(), Some("infra/wildcard"));
+        assert_eq!(a.h2_max_concurrent_streams, 100);
+        assert!(a.h2_keepalive_interval.non_zero().is_none());
+        let p = a.proxy();
+        assert_eq!(
+            (p.https_port, p.h2_max_concurrent_streams, p.h2_keepalive_interval),
+            (8443, 100, None)
+        );
+        let a = parse(&["run", "--default-cert", "c.pem", "--default-key", "k.pem"]).unwrap();
+        assert_eq!(a.default_key.unwrap(), PathBuf::from("k.pem"));
+        for bad in [
+            &["run", "--default-cert", "c.pem"][..],
+            &["run", "--default-cert-secret", "noslash"],
+            &["run", "--default-cert-secret", "a/b", "--default-cert", "c", "--default-key", "k"],
+            &["run", "--h2-max-concurrent-streams", "0"],
+            &["run", "--listen-tls", "nope"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

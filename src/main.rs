@@ -26,10 +26,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let drain = args.drain();
     let cfg = ServerConfig {
         listen: args.listen,
+        listen_tls: args.listen_tls.0,
         admin: args.admin,
         proxy: args.proxy(),
+        default_cert: args.default_cert.clone().zip(args.default_key.clone()),
         compile: CompileOptions {
             class: args.class.clone(),
+            default_cert_secret: args.default_cert_secret.clone(),
         },
         ..ServerConfig::default()
     };

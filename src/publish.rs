@@ -23,6 +23,7 @@ pub struct Publisher {
     metrics: Metrics,
     ready: Readiness,
     last_summaries: HashMap<String, String>,
+    last_default_cert_problem: Option<String>,
 }
 
 impl Publisher {
@@ -40,6 +41,7 @@ impl Publisher {
             metrics,
             ready,
             last_summaries: HashMap::new(),
+            last_default_cert_problem: None,
         }
     }
 
@@ -53,6 +55,15 @@ impl Publisher {
     ) -> Vec<RouteReport> {
         let (table, reports) = compile(snapshot, &self.opts, &self.state);
         let routes = table.route_count();
+        let cert_names = table.certs().names();
+        let default_problem = table.certs().default_problem.clone();
+        if default_problem != self.last_default_cert_problem {
+            match &default_problem {
+                Some(p) => tracing::error!(problem = %p, "default certificate Secret is unusable"),
+                None => tracing::info!("default certificate Secret usable"),
+            }
+            self.last_default_cert_problem = default_problem;
+        }
         self.table.store(Arc::new(table));
         self.metrics.config_reload(true);
         self.metrics.set_routes(routes);
@@ -79,7 +90,7 @@ impl Publisher {
             tracing::info!(route = %gone, "route removed");
         }
         self.last_summaries = summaries;
-        tracing::info!(routes, "routing table published");
+        tracing::info!(routes, cert_names, "routing table published");
         self.ready.set(true);
         reports
     }

@@ -19,18 +19,25 @@ use crate::admin::{self, Readiness};
 use crate::leader::{self, LeaseConfig};
 use crate::metrics::Metrics;
 use crate::proxy::drain::Drain;
-use crate::proxy::{Proxy, ProxyConfig, SharedTable};
+use crate::proxy::{Proxy, ProxyConfig, SharedTable, TableCerts};
 use crate::publish::Publisher;
 use crate::routing::{CompileOptions, RouteTable};
 use crate::source::files::{self, LoadError, Loaded};
 use crate::source::kube::{self as kube_source, KubeSourceConfig};
 use crate::status::writer;
+use crate::tls;
+use tokio_rustls::TlsAcceptor;
 
 /// Settings of a running ssegate.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// Proxy listener address.
     pub listen: SocketAddr,
+    /// TLS listener address (`None`: no TLS listener). The CLI default is `0.0.0.0:8443`;
+    /// this struct's default has none so in-process tests do not collide on a fixed port.
+    pub listen_tls: Option<SocketAddr>,
+    /// `--default-cert`/`--default-key`: PEM files served when no Secret covers a name.
+    pub default_cert: Option<(PathBuf, PathBuf)>,
     /// Admin listener address.
     pub admin: SocketAddr,
     /// Compile settings (class).
@@ -47,6 +54,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: ([0, 0, 0, 0], 8080).into(),
+            listen_tls: None,
+            default_cert: None,
             admin: ([0, 0, 0, 0], 10254).into(),
             compile: CompileOptions::default(),
             proxy: ProxyConfig::default(),
@@ -62,6 +71,8 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     /// Bound admin address.
     pub admin_addr: SocketAddr,
+    /// Bound TLS listener address, if there is one.
+    pub tls_addr: Option<SocketAddr>,
     /// The metrics registry, for tests.
     pub metrics: Metrics,
     /// Readiness as served on `/readyz`.
@@ -184,6 +195,61 @@ pub struct ClusterConfig {
     pub lease: LeaseConfig,
 }
 
+/// The bound TLS listener and the `--default-cert` pair.
+struct TlsListener {
+    listener: TcpListener,
+    addr: SocketAddr,
+    fallback: Option<Arc<rustls::sign::CertifiedKey>>,
+}
+
+/// Binds the TLS listener (if configured) and reads the default certificate files, failing
+/// fast on either.
+async fn bind_tls(cfg: &ServerConfig) -> anyhow::Result<Option<TlsListener>> {
+    let Some(addr) = cfg.listen_tls else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (TLS)"))?;
+    let fallback = match &cfg.default_cert {
+        Some((cert, key)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            let pair = tls::parse_key_pair(&read(cert)?, &read(key)?).with_context(|| {
+                format!(
+                    "--default-cert {} / --default-key {}",
+                    cert.display(),
+                    key.display()
+                )
+            })?;
+            Some(Arc::new(pair))
+        }
+        None => None,
+    };
+    Ok(Some(TlsListener {
+        addr: listener.local_addr()?,
+        listener,
+        fallback,
+    }))
+}
+
+/// Spawns the plain listener's proxy and, if bound, the TLS listener's (same table, limits
+/// and drain; `X-Forwarded-Proto: https`; certificates from the table's store).
+fn spawn_proxies(
+    tasks: &mut JoinSet<()>,
+    proxy: Proxy,
+    listener: TcpListener,
+    tls_listener: Option<TlsListener>,
+) {
+    if let Some(t) = tls_listener {
+        let resolver = tls::SniResolver::new(TableCerts(proxy.table().clone()), t.fallback);
+        let acceptor = TlsAcceptor::from(tls::server_config(Arc::new(resolver)));
+        tasks.spawn(Arc::new(proxy.for_tls()).serve_tls(t.listener, acceptor));
+    }
+    tasks.spawn(Arc::new(proxy).serve(listener));
+}
+
 /// The standalone source's callback: publish a good load, keep the last table on a bad one.
 fn on_load(publisher: &mut Publisher, result: Result<Loaded, Vec<LoadError>>) {
     match result {
@@ -218,6 +284,8 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
         .with_context(|| format!("cannot listen on {} (admin)", cfg.admin))?;
     let proxy_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
+    let tls_listener = bind_tls(&cfg).await?;
+    let tls_addr = tls_listener.as_ref().map(|t| t.addr);
 
     let mut publisher = Publisher::new(
         table.clone(),
@@ -226,20 +294,16 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
         ready.clone(),
     );
     // The first load happens before serving, so the first request sees the configuration.
-    // The fingerprint is taken first: a change racing with the load is then seen as a change.
-    let fp = files::fingerprint(&dir);
-    on_load(&mut publisher, files::load_dir(&dir));
+    let (fp, first) = files::load_dir_fingerprinted(&dir);
+    on_load(&mut publisher, first);
 
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
-    tasks.spawn(
-        Arc::new(Proxy::new(
-            table.clone(),
-            cfg.proxy.clone(),
-            metrics.clone(),
-            drain.clone(),
-        ))
-        .serve(listener),
+    spawn_proxies(
+        &mut tasks,
+        Proxy::new(table.clone(), cfg.proxy.clone(), metrics.clone(), drain.clone()),
+        listener,
+        tls_listener,
     );
     tasks.spawn(files::watch(
         dir,
@@ -248,10 +312,11 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
         cfg.reload_debounce,
         move |r| on_load(&mut publisher, r),
     ));
-    tracing::info!(%proxy_addr, %admin_addr, "ssegate started");
+    tracing::info!(%proxy_addr, tls_addr = ?tls_addr, %admin_addr, "ssegate started");
     Ok(Running {
         proxy_addr,
         admin_addr,
+        tls_addr,
         metrics,
         ready,
         table,
@@ -281,6 +346,8 @@ pub async fn start_cluster(
         .with_context(|| format!("cannot listen on {} (admin)", cfg.admin))?;
     let proxy_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
+    let tls_listener = bind_tls(&cfg).await?;
+    let tls_addr = tls_listener.as_ref().map(|t| t.addr);
 
     let publisher = Publisher::new(
         table.clone(),
@@ -294,14 +361,11 @@ pub async fn start_cluster(
 
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
-    tasks.spawn(
-        Arc::new(Proxy::new(
-            table.clone(),
-            cfg.proxy.clone(),
-            metrics.clone(),
-            drain.clone(),
-        ))
-        .serve(listener),
+    spawn_proxies(
+        &mut tasks,
+        Proxy::new(table.clone(), cfg.proxy.clone(), metrics.clone(), drain.clone()),
+        listener,
+        tls_listener,
     );
     tasks.spawn(kube_source::run(
         client.clone(),
@@ -328,10 +392,11 @@ pub async fn start_cluster(
         metrics.clone(),
         shutdown_rx,
     ));
-    tracing::info!(%proxy_addr, %admin_addr, lease = %format!("{}/{}", lease.namespace, lease.name), identity = %lease.identity, "ssegate started (cluster mode)");
+    tracing::info!(%proxy_addr, tls_addr = ?tls_addr, %admin_addr, lease = %format!("{}/{}", lease.namespace, lease.name), identity = %lease.identity, "ssegate started (cluster mode)");
     Ok(Running {
         proxy_addr,
         admin_addr,
+        tls_addr,
         metrics,
         ready,
         table,

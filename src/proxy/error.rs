@@ -78,6 +78,14 @@ pub enum ProxyError {
         /// What is wrong with it.
         reason: String,
     },
+    /// TLS to the backend failed, or the rule's backend TLS is not usable (502).
+    #[error("TLS to upstream {backend} failed: {reason}")]
+    UpstreamTls {
+        /// `namespace/service:port`.
+        backend: String,
+        /// The handshake error or configuration problem.
+        reason: String,
+    },
     /// The request cannot be forwarded as sent (400).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
@@ -96,7 +104,8 @@ impl ProxyError {
             }
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
-            | ProxyError::InvalidPollResponse { .. } => StatusCode::BAD_GATEWAY,
+            | ProxyError::InvalidPollResponse { .. }
+            | ProxyError::UpstreamTls { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::FirstByteTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
         }
@@ -120,6 +129,7 @@ impl ProxyError {
             ProxyError::FirstByteTimeout { .. } => "first_byte_timeout",
             ProxyError::Upstream { .. } => "protocol",
             ProxyError::InvalidPollResponse { .. } => "invalid_response",
+            ProxyError::UpstreamTls { .. } => "upstream_tls",
             ProxyError::BadRequest(_) => "bad_request",
         }
     }
@@ -133,6 +143,7 @@ impl ProxyError {
                 | ProxyError::FirstByteTimeout { .. }
                 | ProxyError::Upstream { .. }
                 | ProxyError::InvalidPollResponse { .. }
+                | ProxyError::UpstreamTls { .. }
         )
     }
 
@@ -231,6 +242,14 @@ mod tests {
                 },
                 502,
                 "invalid_response",
+            ),
+            (
+                ProxyError::UpstreamTls {
+                    backend: "b".into(),
+                    reason: "unknown issuer".into(),
+                },
+                502,
+                "upstream_tls",
             ),
         ];
         let rate: Response<Bytes> = ProxyError::ClientRate {

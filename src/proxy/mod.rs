@@ -11,6 +11,7 @@ pub mod error;
 pub mod io;
 pub mod limits;
 pub mod relay;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,13 +21,14 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::future::poll_fn;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
 use crate::api::Mode;
 use crate::balance::{Endpoint, EndpointLease, KeySource, hash_key};
@@ -38,6 +40,7 @@ use error::ProxyError;
 use io::{ConnState, WriteTimeout};
 use limits::{ClientLimiter, ClientLimits, ClientRefusal, ConnectionLimit};
 use relay::{DriveConn, EndpointBody, RelayBody, RelayTimers, StreamGuard};
+pub use upstream::UpstreamConn;
 
 /// Endpoints tried per request before answering 502.
 pub(crate) const CONNECT_ATTEMPTS: usize = 3;
@@ -49,16 +52,31 @@ pub type ProxyBody = Either<
     Either<RelayBody<EndpointBody<DriveConn<UpstreamConn, Incoming>>>, DrainBody<PollBody>>,
 >;
 
-/// The upstream HTTP/1 connection future driven by [`DriveConn`].
-pub type UpstreamConn = hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Incoming>;
-
 /// The shared, atomically swappable routing table.
 pub type SharedTable = Arc<ArcSwap<RouteTable>>;
 
-/// Settings of the proxy listener.
+/// The TLS listener's view of the routing table: its certificate store.
+#[derive(Debug)]
+pub struct TableCerts(pub SharedTable);
+
+impl crate::tls::CurrentCerts for TableCerts {
+    fn resolve(&self, sni: Option<&str>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.load().certs().resolve(sni).cloned()
+    }
+}
+
+/// How long a client may take to complete the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default `--h2-max-concurrent-streams`: Go's net/http2 server default, ample for a browser
+/// holding one EventSource per tab on one connection.
+pub const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 250;
+
+/// Settings of the proxy listeners.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
-    /// `X-Forwarded-Proto` sent upstream: `http` or `https`.
+    /// `X-Forwarded-Proto` sent upstream: `http` or `https` (the proxy serving the TLS
+    /// listener is built with `https`). Only `http` proxies answer `tls.redirect`.
     pub scheme: &'static str,
     /// How long a client may take to send request headers (HTTP/1.1; slowloris; zero: no
     /// limit).
@@ -74,6 +92,14 @@ pub struct ProxyConfig {
     pub client_write_timeout: Option<Duration>,
     /// Per-client-IP limits.
     pub client_limits: ClientLimits,
+    /// Port written into `tls.redirect` Locations (omitted when 443): where clients reach
+    /// the TLS listener from outside.
+    pub https_port: u16,
+    /// Streams a client may open at once on one HTTP/2 connection.
+    pub h2_max_concurrent_streams: u32,
+    /// Ping an HTTP/2 client after this much connection silence (`None`: never); a client
+    /// that does not answer within the same time is disconnected.
+    pub h2_keepalive_interval: Option<Duration>,
 }
 
 impl Default for ProxyConfig {
@@ -86,6 +112,9 @@ impl Default for ProxyConfig {
             max_connections: 0,
             client_write_timeout: Some(Duration::from_secs(60)),
             client_limits: ClientLimits::default(),
+            https_port: 443,
+            h2_max_concurrent_streams: DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+            h2_keepalive_interval: Some(Duration::from_secs(20)),
         }
     }
 }
@@ -114,6 +143,29 @@ impl Proxy {
         }
     }
 
+    /// The same proxy for the TLS listener: `X-Forwarded-Proto: https`, no `tls.redirect`;
+    /// table, limits (connections, per-client), metrics and drain are shared.
+    pub fn for_tls(&self) -> Proxy {
+        Proxy {
+            table: self.table.clone(),
+            config: ProxyConfig {
+                scheme: "https",
+                ..self.config.clone()
+            },
+            metrics: self.metrics.clone(),
+            drain: self.drain.clone(),
+            clients: self.clients.clone(),
+            connections: self.connections.clone(),
+        }
+    }
+
+    /// The routing table this proxy serves.
+    pub fn table(&self) -> &SharedTable {
+        &self.table
+    }
+
+    /// The connection builder: HTTP/1.1 and HTTP/2 (detected by the client preface, so h2c
+    /// with prior knowledge works on the plain listener and ALPN `h2` on the TLS one).
     fn builder(&self) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
@@ -122,9 +174,19 @@ impl Proxy {
             .header_read_timeout(Some(self.config.header_read_timeout).filter(|t| !t.is_zero()))
             .max_headers(self.config.max_headers)
             // The read buffer bounds the request head: beyond it hyper answers 431.
-            .max_buf_size(self.config.max_header_bytes.max(8192))
+            .max_buf_size(self.config.max_header_bytes.max(8192));
+        // Each h2 stream is flushed on its own (hyper writes DATA frames as the body yields
+        // them); flow control is h2's: a stream whose client window is closed stops polling
+        // its body, which stops reading that stream's upstream socket and nothing else.
+        builder
             .http2()
-            .max_header_list_size(u32::try_from(self.config.max_header_bytes).unwrap_or(u32::MAX));
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(self.config.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(self.config.h2_max_concurrent_streams)
+            .keep_alive_interval(self.config.h2_keepalive_interval);
+        if let Some(interval) = self.config.h2_keepalive_interval {
+            builder.http2().keep_alive_timeout(interval);
+        }
         builder
     }
 
@@ -133,10 +195,56 @@ impl Proxy {
     /// connections are asked to finish: HTTP/1.1 keep-alive is disabled, HTTP/2 gets GOAWAY)
     /// and every connection has ended.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        self.serve_listener(listener, None).await
+    }
+
+    /// Like [`Proxy::serve`] for the TLS listener: each connection completes a TLS handshake
+    /// (within [`TLS_HANDSHAKE_TIMEOUT`]) and ALPN picks HTTP/2 or HTTP/1.1. Build this proxy
+    /// with `scheme: "https"`. Connection limits, write timeouts and drains apply alike.
+    pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor) {
+        self.serve_listener(listener, Some(acceptor)).await
+    }
+
+    async fn serve_listener(self: Arc<Self>, listener: TcpListener, tls: Option<TlsAcceptor>) {
         let builder = Arc::new(self.builder());
         let graceful = GracefulShutdown::new();
         let stop = self.drain.clone();
         let mut stop = std::pin::pin!(stop.window_opened());
+        // Serves `io` (TLS-wrapped first when this is the TLS listener) with `service` under
+        // the drain's graceful shutdown; evaluates to the connection's result.
+        macro_rules! serve_io {
+            ($builder:expr, $tls:expr, $watcher:expr, $peer:expr, $io:expr, $service:expr) => {
+                async move {
+                    match $tls {
+                        None => {
+                            let conn = $builder.serve_connection(TokioIo::new($io), $service);
+                            $watcher.watch(conn.into_owned()).await
+                        }
+                        Some(acceptor) => {
+                            let peer = $peer;
+                            let io = match tokio::time::timeout(
+                                TLS_HANDSHAKE_TIMEOUT,
+                                acceptor.accept($io),
+                            )
+                            .await
+                            {
+                                Ok(Ok(io)) => io,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return Ok(());
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return Ok(());
+                                }
+                            };
+                            let conn = $builder.serve_connection(TokioIo::new(io), $service);
+                            $watcher.watch(conn.into_owned()).await
+                        }
+                    }
+                }
+            };
+        }
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -167,11 +275,10 @@ impl Proxy {
                 },
             };
             let state = Arc::new(ConnState::default());
-            let io = TokioIo::new(WriteTimeout::new(
-                stream,
-                self.config.client_write_timeout,
-                state.clone(),
-            ));
+            let io = WriteTimeout::new(stream, self.config.client_write_timeout, state.clone());
+            let watcher = graceful.watcher();
+            let builder = builder.clone();
+            let tls = tls.clone();
             let permit = match refusal {
                 Ok(permit) => permit,
                 Err(err) => {
@@ -179,18 +286,14 @@ impl Proxy {
                     self.metrics.connection_rejected(err.metric_label());
                     tracing::debug!(%peer, error = %err, "connection refused");
                     let err = Arc::new(err);
-                    let conn = builder.serve_connection(
-                        io,
-                        hyper::service::service_fn(move |_req| {
-                            let mut resp = err.to_response::<Full<Bytes>>();
-                            resp.headers_mut()
-                                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                            async move { Ok::<_, std::convert::Infallible>(resp) }
-                        }),
-                    );
-                    let conn = graceful.watch(conn.into_owned());
+                    let service = hyper::service::service_fn(move |_req| {
+                        let mut resp = err.to_response::<Full<Bytes>>();
+                        resp.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        async move { Ok::<_, std::convert::Infallible>(resp) }
+                    });
                     tokio::spawn(async move {
-                        let _ = conn.await;
+                        let _ = serve_io!(builder, tls, watcher, peer, io, service).await;
                     });
                     continue;
                 }
@@ -203,9 +306,8 @@ impl Proxy {
                     Ok::<_, std::convert::Infallible>(proxy.handle_conn(req, peer, state).await)
                 }
             });
-            let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                if let Err(e) = serve_io!(builder, tls, watcher, peer, io, service).await {
                     tracing::debug!(%peer, error = %e, "client connection ended with an error");
                 }
                 drop(permit);
@@ -219,7 +321,7 @@ impl Proxy {
         graceful.shutdown().await;
     }
 
-    /// Answers one request: a relayed upstream response or a short JSON error.
+    /// Answers one request: a relayed upstream response, a redirect or a short JSON error.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         self.handle_conn(req, peer, Arc::new(ConnState::default()))
             .await
@@ -268,6 +370,9 @@ impl Proxy {
                 None,
             ));
         };
+        if rule.https_redirect && self.config.scheme == "http" {
+            return Ok(https_redirect(&host, self.config.https_port, req.uri()));
+        }
         let fail = |e: ProxyError| (e, Some(rule.clone()));
         let guard = StreamGuard::admit(&rule).ok_or_else(|| {
             fail(ProxyError::OverCapacity {
@@ -309,15 +414,9 @@ impl Proxy {
         let (stream, lease) = connect(&rule, plan).await.map_err(fail)?;
         let upstream_req =
             upstream_request(req, &rule, &host, peer, self.config.scheme).map_err(fail)?;
+        let upstream_req = upstream::prepare_request(&rule, upstream_req).map_err(fail)?;
 
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| {
-                fail(ProxyError::Upstream {
-                    backend: rule.backend.name.clone(),
-                    source,
-                })
-            })?;
+        let (mut sender, conn) = upstream::handshake(&rule, stream).await.map_err(fail)?;
         let mut conn = Box::pin(conn);
         let mut conn_done = false;
         let mut send = std::pin::pin!(sender.send_request(upstream_req));
@@ -388,6 +487,29 @@ impl Proxy {
             Either::Right(Either::Left(body)),
         ))
     }
+}
+
+/// `308 Permanent Redirect` to the same host, path and query over `https` (the method and
+/// body are kept by clients, unlike 301).
+fn https_redirect(host: &str, port: u16, uri: &Uri) -> Response<ProxyBody> {
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    let port = if port == 443 {
+        String::new()
+    } else {
+        format!(":{port}")
+    };
+    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let location = format!("https://{host}{port}{pq}");
+    let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
 }
 
 /// Connects to the endpoints of `plan` in turn; the first success wins. The returned lease
@@ -651,6 +773,16 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(request_host(&h2).unwrap(), "a.example");
+    }
+
+    #[test]
+    fn redirect_keeps_host_path_and_query() {
+        let uri: Uri = "/events/a?x=1&y=2".parse().unwrap();
+        let r = https_redirect("a.example", 443, &uri);
+        assert_eq!(r.status(), 308);
+        assert_eq!(r.headers()["location"], "https://a.example/events/a?x=1&y=2");
+        let r = https_redirect("::1", 8443, &"/".parse().unwrap());
+        assert_eq!(r.headers()["location"], "https://[::1]:8443/");
     }
 
     #[test]

@@ -6,6 +6,13 @@
 //! `Secret` and `v1/List` objects are used; other kinds are ignored, so the same files can be
 //! `kubectl apply`-ed to a cluster unchanged.
 //!
+//! Secrets: `data` (base64) and `stringData` are both read (`stringData` wins, as on an API
+//! server). In standalone mode a Secret may instead point at PEM files with annotations,
+//! resolved relative to the manifest's directory and re-read on every load:
+//! [`CERT_FILE_ANNOTATION`] → `tls.crt`, [`KEY_FILE_ANNOTATION`] → `tls.key`,
+//! [`CA_FILE_ANNOTATION`] → `ca.crt`. A missing file is a load error; bad PEM content is
+//! reported on the routes that use the Secret.
+//!
 //! A load is all or nothing: if any file cannot be read or parsed, the whole load fails with
 //! one [`LoadError`] per bad document, and the caller keeps serving the last good table.
 //! Problems that concern a single route's meaning (a missing Service, a bad path) are not
@@ -40,6 +47,13 @@ impl fmt::Display for LoadError {
     }
 }
 
+/// Standalone-mode Secret annotation: PEM certificate chain file, loaded as `tls.crt`.
+pub const CERT_FILE_ANNOTATION: &str = "ssegate.io/tls-cert-file";
+/// Standalone-mode Secret annotation: PEM private key file, loaded as `tls.key`.
+pub const KEY_FILE_ANNOTATION: &str = "ssegate.io/tls-key-file";
+/// Standalone-mode Secret annotation: PEM CA certificates file, loaded as `ca.crt`.
+pub const CA_FILE_ANNOTATION: &str = "ssegate.io/ca-file";
+
 /// A successful load of a directory.
 #[derive(Clone, Debug, Default)]
 pub struct Loaded {
@@ -47,6 +61,8 @@ pub struct Loaded {
     pub snapshot: Snapshot,
     /// Which file each object came from, keyed `Kind namespace/name`, for log messages.
     pub origins: HashMap<String, PathBuf>,
+    /// Hash of the PEM files Secrets referenced by annotation, as read by this load.
+    pub referenced_files_hash: u64,
 }
 
 impl Loaded {
@@ -82,6 +98,20 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, Vec<LoadError>> {
     } else {
         Err(errors)
     }
+}
+
+/// Loads `dir` and fingerprints it: the manifests' names and contents plus the contents of
+/// the PEM files Secrets reference (as this load read them), so a certificate file edited
+/// outside the directory is noticed too.
+pub fn load_dir_fingerprinted(dir: &Path) -> (u64, Result<Loaded, Vec<LoadError>>) {
+    // Manifests are fingerprinted before loading: a change racing with the load is then
+    // seen as a change on the next check.
+    let fp = fingerprint(dir);
+    let result = load_dir(dir);
+    let extra = result.as_ref().map_or(0, |l| l.referenced_files_hash);
+    let mut h = DefaultHasher::new();
+    (fp, extra).hash(&mut h);
+    (h.finish(), result)
 }
 
 /// A cheap fingerprint of the directory's manifest files (names and contents), used to skip
@@ -182,7 +212,15 @@ fn add_object(value: Value, path: &Path, loaded: &mut Loaded) -> Result<(), Stri
         (crate::api::API_VERSION, "SseRoute") => push(&mut snap.routes, value, &kind)?,
         ("v1", "Service") => push(&mut snap.services, value, &kind)?,
         ("discovery.k8s.io/v1", "EndpointSlice") => push(&mut snap.endpoint_slices, value, &kind)?,
-        ("v1", "Secret") => push(&mut snap.secrets, value, &kind)?,
+        ("v1", "Secret") => {
+            let key = push(&mut snap.secrets, value, &kind)?;
+            let secret = snap.secrets.last_mut().expect("just pushed");
+            let mut h = DefaultHasher::new();
+            loaded.referenced_files_hash.hash(&mut h);
+            resolve_secret(secret, path, &mut h)?;
+            loaded.referenced_files_hash = h.finish();
+            key
+        }
         (v, k) if v.starts_with(crate::api::GROUP) => {
             return Err(format!(
                 "unknown kind {k} in {v} (expected SseRoute in ssegate.io/v1alpha1)"
@@ -198,6 +236,39 @@ fn add_object(value: Value, path: &Path, loaded: &mut Loaded) -> Result<(), Stri
             "{key} is defined twice (also in {})",
             first.display()
         ));
+    }
+    Ok(())
+}
+
+/// Folds `stringData` into `data` and reads annotated PEM files into `data`.
+fn resolve_secret(
+    secret: &mut k8s_openapi::api::core::v1::Secret,
+    manifest: &Path,
+    hasher: &mut DefaultHasher,
+) -> Result<(), String> {
+    use k8s_openapi::ByteString;
+    let data = secret.data.get_or_insert_with(Default::default);
+    for (k, v) in secret.string_data.take().unwrap_or_default() {
+        data.insert(k, ByteString(v.into_bytes()));
+    }
+    let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+    for (annotation, key) in [
+        (CERT_FILE_ANNOTATION, crate::tls::TLS_CRT),
+        (KEY_FILE_ANNOTATION, crate::tls::TLS_KEY),
+        (CA_FILE_ANNOTATION, crate::tls::CA_CRT),
+    ] {
+        let Some(file) = annotations.get(annotation) else {
+            continue;
+        };
+        let file = manifest
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(file.trim());
+        let bytes = std::fs::read(&file)
+            .map_err(|e| format!("annotation {annotation}: cannot read {}: {e}", file.display()))?;
+        file.hash(hasher);
+        bytes.hash(hasher);
+        data.insert(key.to_string(), ByteString(bytes));
     }
     Ok(())
 }
@@ -276,10 +347,7 @@ pub async fn watch(
             }
         }
         let d = dir.clone();
-        let Ok((fp, result)) = tokio::task::spawn_blocking(move || {
-            let fp = fingerprint(&d);
-            (fp, load_dir(&d))
-        })
+        let Ok((fp, result)) = tokio::task::spawn_blocking(move || load_dir_fingerprinted(&d))
         .await
         else {
             continue;
@@ -417,6 +485,33 @@ mod tests {
                 .reason
                 .contains("unknown kind SSERoute")
         );
+    }
+
+    #[test]
+    fn secrets_merge_string_data_and_read_annotated_pem_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("certs")).unwrap();
+        std::fs::write(dir.path().join("certs/a.crt"), "CERT-1").unwrap();
+        std::fs::write(dir.path().join("certs/a.key"), "KEY-1").unwrap();
+        let manifest = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: a\n  annotations:\n    ssegate.io/tls-cert-file: certs/a.crt\n    ssegate.io/tls-key-file: certs/a.key\ntype: kubernetes.io/tls\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: b}\ndata: {ca.crt: Q0E=}\nstringData: {tls.crt: inline}\n";
+        std::fs::write(dir.path().join("secrets.yaml"), manifest).unwrap();
+        let (fp1, l) = load_dir_fingerprinted(dir.path());
+        let l = l.unwrap();
+        let value = |i: usize, k: &str| {
+            String::from_utf8(l.snapshot.secrets[i].data.as_ref().unwrap()[k].0.clone()).unwrap()
+        };
+        assert_eq!(value(0, "tls.crt"), "CERT-1");
+        assert_eq!(value(0, "tls.key"), "KEY-1");
+        assert_eq!(value(1, "ca.crt"), "CA");
+        assert_eq!(value(1, "tls.crt"), "inline");
+        // Editing only the PEM file changes the fingerprint.
+        std::fs::write(dir.path().join("certs/a.crt"), "CERT-2").unwrap();
+        let (fp2, _) = load_dir_fingerprinted(dir.path());
+        assert_ne!(fp1, fp2);
+        assert_eq!(load_dir_fingerprinted(dir.path()).0, fp2);
+        std::fs::remove_file(dir.path().join("certs/a.key")).unwrap();
+        let errs = load_dir(dir.path()).unwrap_err();
+        assert!(errs[0].reason.contains("ssegate.io/tls-key-file"), "{}", errs[0]);
     }
 
     #[test]
