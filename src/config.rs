@@ -61,10 +61,20 @@ pub struct RunArgs {
     pub default_cert_secret: Option<String>,
     /// PEM certificate chain file served when no Secret covers a name (with --default-key);
     /// read at start-up.
-    #[arg(long, env = "SSEGATE_DEFAULT_CERT", value_name = "FILE", requires = "default_key")]
+    #[arg(
+        long,
+        env = "SSEGATE_DEFAULT_CERT",
+        value_name = "FILE",
+        requires = "default_key"
+    )]
     pub default_cert: Option<PathBuf>,
     /// PEM private key file of --default-cert.
-    #[arg(long, env = "SSEGATE_DEFAULT_KEY", value_name = "FILE", requires = "default_cert")]
+    #[arg(
+        long,
+        env = "SSEGATE_DEFAULT_KEY",
+        value_name = "FILE",
+        requires = "default_cert"
+    )]
     pub default_key: Option<PathBuf>,
     /// Streams a client may open at once on one HTTP/2 connection (default: Go's net/http2
     /// value; each SSE stream also holds one upstream connection).
@@ -343,7 +353,15 @@ mod tests {
         for bad in [
             &["run", "--default-cert", "c.pem"][..],
             &["run", "--default-cert-secret", "noslash"],
-            &["run", "--default-cert-secret", "a/b", "--default-cert", "c", "--default-key", "k"],
+            &[
+                "run",
+                "--default-cert-secret",
+                "a/b",
+                "--default-cert",
+                "c",
+                "--default-key",
+                "k",
+            ],
             &["run", "--h2-max-concurrent-streams", "0"],
             &["run", "--listen-tls", "nope"],
         ] {

@@ -1606,9 +1606,18 @@ pub(crate) mod tests {
         let (t, reports) = compile(&s, &opts, &StateStore::new(Metrics::new()));
         assert!(reports.iter().all(RouteReport::all_ok), "{reports:?}");
         let certs = t.certs();
-        assert!(same_cert(certs.resolve(Some("a.example")), &key_pair(&s.secrets[0])));
-        assert!(same_cert(certs.resolve(Some("x.b.example")), &key_pair(&s.secrets[1])));
-        assert!(same_cert(certs.resolve(Some("zzz")), &key_pair(&s.secrets[2])));
+        assert!(same_cert(
+            certs.resolve(Some("a.example")),
+            &key_pair(&s.secrets[0])
+        ));
+        assert!(same_cert(
+            certs.resolve(Some("x.b.example")),
+            &key_pair(&s.secrets[1])
+        ));
+        assert!(same_cert(
+            certs.resolve(Some("zzz")),
+            &key_pair(&s.secrets[2])
+        ));
         assert!(t.route("a.example", "/a").unwrap().https_redirect);
         assert!(!t.route("x.b.example", "/b").unwrap().https_redirect);
     }
@@ -1630,7 +1639,10 @@ pub(crate) mod tests {
         let rr = reports[0].condition(RESOLVED_REFS).unwrap();
         assert_eq!((rr.status, rr.reason.as_str()), (false, "SecretNotFound"));
         assert!(rr.message.contains("apps/a-cert"));
-        assert!(t.route("a.example", "/a").is_some(), "plain HTTP still served");
+        assert!(
+            t.route("a.example", "/a").is_some(),
+            "plain HTTP still served"
+        );
         assert!(t.certs().resolve(Some("a.example")).is_none());
 
         let (c1, k1) = self_signed(&["a.example"]);
@@ -1642,10 +1654,16 @@ pub(crate) mod tests {
         s.secrets = vec![tls_secret("apps", "a-cert", &c1, &other_key)];
         let (t, reports) = compile(&s, &opts, &state);
         let acc = reports[0].condition(ACCEPTED).unwrap();
-        assert_eq!((acc.status, acc.reason.as_str()), (false, "InvalidCertificate"));
+        assert_eq!(
+            (acc.status, acc.reason.as_str()),
+            (false, "InvalidCertificate")
+        );
         assert!(acc.message.contains("does not match"), "{}", acc.message);
         let good = tls_secret("apps", "a-cert", &c1, &k1);
-        assert!(same_cert(t.certs().resolve(Some("a.example")), &key_pair(&good)));
+        assert!(same_cert(
+            t.certs().resolve(Some("a.example")),
+            &key_pair(&good)
+        ));
         assert!(t.route("a.example", "/a").is_some());
     }
 
@@ -1673,7 +1691,10 @@ pub(crate) mod tests {
             by("noca").condition(RESOLVED_REFS).unwrap().reason,
             "SecretNotFound"
         );
-        assert!(matches!(t.route("h", "/y").unwrap().upstream_tls, Some(Err(_))));
+        assert!(matches!(
+            t.route("h", "/y").unwrap().upstream_tls,
+            Some(Err(_))
+        ));
         let web = t.route("h", "/z").unwrap();
         let Some(Ok(tls)) = &web.upstream_tls else {
             panic!("expected usable upstream TLS");

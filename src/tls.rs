@@ -384,7 +384,9 @@ impl CertStore {
 
     /// True when no certificate at all is configured.
     pub fn is_empty(&self) -> bool {
-        self.exact.is_empty() && self.wildcard.is_empty() && self.any.is_none()
+        self.exact.is_empty()
+            && self.wildcard.is_empty()
+            && self.any.is_none()
             && self.default.is_none()
     }
 
@@ -756,7 +758,12 @@ pub(crate) mod tests {
         let store = b.finish();
         assert!(same(store.resolve(Some("other.org")), &any));
         assert_eq!(store.names(), 3);
-        assert!(CertStoreBuilder::default().finish().resolve(Some("a")).is_none());
+        assert!(
+            CertStoreBuilder::default()
+                .finish()
+                .resolve(Some("a"))
+                .is_none()
+        );
     }
 
     #[test]

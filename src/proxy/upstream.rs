@@ -136,10 +136,7 @@ impl Sender {
 }
 
 /// Opens TLS (when the rule's backend has it) and the HTTP handshake on a connected socket.
-pub async fn handshake(
-    rule: &Rule,
-    tcp: TcpStream,
-) -> Result<(Sender, UpstreamConn), ProxyError> {
+pub async fn handshake(rule: &Rule, tcp: TcpStream) -> Result<(Sender, UpstreamConn), ProxyError> {
     let backend = || rule.backend.name.clone();
     let io = match &rule.upstream_tls {
         None => UpstreamIo::Plain(tcp),
@@ -203,7 +200,10 @@ async fn tls_connect(
 
 /// Shapes a request built for HTTP/1.1 for the rule's protocol: HTTP/2 needs the scheme and
 /// authority in the URI (`:scheme`, `:authority`), taken from the `Host` header.
-pub fn prepare_request(rule: &Rule, req: Request<Incoming>) -> Result<Request<Incoming>, ProxyError> {
+pub fn prepare_request(
+    rule: &Rule,
+    req: Request<Incoming>,
+) -> Result<Request<Incoming>, ProxyError> {
     if rule.protocol == BackendProtocol::Http1 {
         return Ok(req);
     }

@@ -264,8 +264,12 @@ fn resolve_secret(
             .parent()
             .unwrap_or(Path::new("."))
             .join(file.trim());
-        let bytes = std::fs::read(&file)
-            .map_err(|e| format!("annotation {annotation}: cannot read {}: {e}", file.display()))?;
+        let bytes = std::fs::read(&file).map_err(|e| {
+            format!(
+                "annotation {annotation}: cannot read {}: {e}",
+                file.display()
+            )
+        })?;
         file.hash(hasher);
         bytes.hash(hasher);
         data.insert(key.to_string(), ByteString(bytes));
@@ -347,8 +351,8 @@ pub async fn watch(
             }
         }
         let d = dir.clone();
-        let Ok((fp, result)) = tokio::task::spawn_blocking(move || load_dir_fingerprinted(&d))
-        .await
+        let Ok((fp, result)) =
+            tokio::task::spawn_blocking(move || load_dir_fingerprinted(&d)).await
         else {
             continue;
         };
@@ -511,7 +515,11 @@ mod tests {
         assert_eq!(load_dir_fingerprinted(dir.path()).0, fp2);
         std::fs::remove_file(dir.path().join("certs/a.key")).unwrap();
         let errs = load_dir(dir.path()).unwrap_err();
-        assert!(errs[0].reason.contains("ssegate.io/tls-key-file"), "{}", errs[0]);
+        assert!(
+            errs[0].reason.contains("ssegate.io/tls-key-file"),
+            "{}",
+            errs[0]
+        );
     }
 
     #[test]

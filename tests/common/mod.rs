@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -109,8 +110,20 @@ impl futures_util::Stream for ReceiverStream {
 
 type BackendBody = http_body_util::Either<Tracked, Full<Bytes>>;
 
+/// How a [`Backend`] serves connections.
+#[derive(Clone, Default)]
+pub struct BackendOpts {
+    /// Serve TLS with this configuration.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
 impl Backend {
     pub async fn start(reply: Reply) -> Backend {
+        Self::start_with(reply, BackendOpts::default()).await
+    }
+
+    /// A backend speaking HTTP/1.1 and HTTP/2 (prior knowledge or ALPN), with TLS if asked.
+    pub async fn start_with(reply: Reply, opts: BackendOpts) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (streams_tx, streams) = mpsc::unbounded_channel();
@@ -119,6 +132,7 @@ impl Backend {
                 let (sock, _) = listener.accept().await.unwrap();
                 let streams_tx = streams_tx.clone();
                 let reply = reply.clone();
+                let tls = opts.tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let streams_tx = streams_tx.clone();
@@ -173,9 +187,21 @@ impl Backend {
                             Ok::<_, Infallible>(resp)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(sock), svc)
-                        .await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    match tls {
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(sock), svc).await;
+                        }
+                        Some(cfg) => {
+                            let Ok(io) = tokio_rustls::TlsAcceptor::from(cfg).accept(sock).await
+                            else {
+                                return;
+                            };
+                            let _ = builder.serve_connection(TokioIo::new(io), svc).await;
+                        }
+                    }
                 });
             }
         });
@@ -267,6 +293,22 @@ pub async fn start_ssegate_with(config: &ConfigDir, proxy: ssegate::proxy::Proxy
     start_standalone(config.path(), cfg).await.unwrap()
 }
 
+/// Like [`start_ssegate`], with `tweak` applied to the configuration first.
+pub async fn start_ssegate_tweaked(
+    config: &ConfigDir,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> Running {
+    let mut cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin: "127.0.0.1:0".parse().unwrap(),
+        reload_poll: Duration::from_millis(100),
+        reload_debounce: Duration::from_millis(20),
+        ..ServerConfig::default()
+    };
+    tweak(&mut cfg);
+    start_standalone(config.path(), cfg).await.unwrap()
+}
+
 /// A response being read from a real client connection.
 pub struct ClientResponse {
     pub status: StatusCode,
@@ -276,6 +318,12 @@ pub struct ClientResponse {
 }
 
 impl ClientResponse {
+    /// Wraps a response whose connection is driven elsewhere (e.g. a shared HTTP/2 one).
+    pub fn new(resp: Response<Incoming>) -> ClientResponse {
+        let (parts, body) = resp.into_parts();
+        Self::from_parts(parts, body)
+    }
+
     /// A response received on a connection the caller drives.
     pub fn from_parts(parts: http::response::Parts, body: Incoming) -> Self {
         ClientResponse {
