@@ -28,6 +28,8 @@ pub const PATH_PATTERN: &str = r"^/[^\s?#]*$";
 pub const REWRITE_PATTERN: &str = r"^/";
 /// Schema pattern of `backend.service`: a Service name (DNS-1035 label).
 pub const SERVICE_NAME_PATTERN: &str = r"^[a-z]([-a-z0-9]*[a-z0-9])?$";
+/// Schema pattern of a Secret name (a DNS subdomain).
+pub const SECRET_NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$";
 /// CEL rule of `backend.port` (an int-or-string): a port number in range, or a non-empty name.
 pub const PORT_RULE: &str =
     "type(self) == int ? (self >= 1 && self <= 65535) : (size(self) > 0 && size(self) <= 15)";
@@ -74,6 +76,7 @@ pub struct RouteTls {
     /// A `kubernetes.io/tls` Secret (keys `tls.crt`, `tls.key`) in the route's namespace; its
     /// certificate is served, by SNI, for the route's `hostnames` (a route without hostnames
     /// provides the certificate for names no other route covers).
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_NAME_PATTERN))]
     pub secret_name: String,
     /// Answer plain-HTTP requests for this route with `308 Permanent Redirect` to `https://`
     /// (same host, path and query) instead of proxying them.
@@ -264,14 +267,17 @@ pub struct BackendTls {
     /// A Secret in the route's namespace whose `ca.crt` holds the CA certificate(s) that sign
     /// the backend's certificate. Unset: the public web roots bundled with ssegate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_NAME_PATTERN))]
     pub ca_secret_name: Option<String>,
     /// The name the backend's certificate must carry (and the SNI sent). Unset:
     /// `<service>.<namespace>.svc`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub server_name: Option<String>,
     /// A `kubernetes.io/tls` Secret in the route's namespace presented as client certificate
     /// (mutual TLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = SECRET_NAME_PATTERN))]
     pub client_cert_secret_name: Option<String>,
 }
 

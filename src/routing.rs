@@ -26,7 +26,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 
 use crate::api::{
-    BackendProtocol, BalancePolicy, LoadBalancing, Mode, PathType, PortRef, RouteRule, SseRoute};
+    BackendProtocol, BalancePolicy, LoadBalancing, Mode, PathType, PortRef, RouteRule, SseRoute,
+};
 use crate::balance::{Backend, EndpointStore, KeySource, Policy};
 use crate::metrics::{BalanceSource, BalanceView, Metrics, RouteMetrics};
 use crate::poll::PollConfig;
