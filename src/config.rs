@@ -21,8 +21,6 @@ pub struct Cli {
 // Parsed once per process: the size of the value does not matter.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
-// Parsed once at start-up: the size difference between variants does not matter.
-#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the proxy and its configuration source.
     Run(Box<RunArgs>),
