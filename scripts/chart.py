@@ -47,13 +47,7 @@ FOREIGN_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 # Flags the chart renders (with some values file) and metrics the dashboard shows that are not in
 # the binary on this branch yet, and the work that adds them. `check` fails when one of these has
 # landed (so the entry is removed) and when anything not listed here is missing.
-PENDING_FLAGS = {
-    "listen-tls": "TLS (issue 6)",
-    "https-port": "TLS (issue 6)",
-    "default-cert-secret": "TLS (issue 6)",
-    "h2-max-concurrent-streams": "TLS (issue 6)",
-    "h2-keepalive-interval": "TLS (issue 6)",
-}
+PENDING_FLAGS = {}
 PENDING_METRICS = {}
 
 # The RBAC the controller needs, exactly (issue 5).

@@ -1,0 +1,279 @@
+#!/usr/bin/env node
+// End-to-end check of TLS and HTTP/2 with real clients, without Kubernetes.
+//
+// Makes a throw-away CA and a certificate for `localhost` with the openssl CLI, writes a
+// standalone config (the example backend's Service, a Secret that points at the PEM files with
+// the ssegate.io/tls-cert-file / tls-key-file annotations, and a route with spec.tls), starts
+// the release example backend and ssegate, then checks:
+//   - curl --http2 over TLS (verifying against the CA) gets HTTP/2 and the events;
+//   - curl --http2-prior-knowledge on the plain listener gets HTTP/2 (h2c) and the events;
+//   - headless Chromium opens 10 EventSource streams to one https origin: the page was loaded
+//     over h2 and all 10 streams receive events at the same time (over HTTP/1.1 a browser
+//     holds at most 6 connections per origin, so streams 7..10 would get nothing).
+//
+//   cargo build --release --bin ssegate --example sse-backend
+//   npm ci --prefix e2e
+//   node e2e/tls/run.mjs            # or: scripts/test
+//
+// Environment (all optional): SSEGATE_E2E_TLS_LISTEN (default 127.0.0.1:18081),
+// SSEGATE_E2E_TLS_HTTPS (127.0.0.1:18443), SSEGATE_E2E_TLS_ADMIN (127.0.0.1:18255),
+// SSEGATE_E2E_BACKEND (127.0.0.1:9090, must match manifests/examples/backend.yaml),
+// CHROMIUM (/usr/bin/chromium), CARGO_TARGET_DIR.
+
+import { spawn, execFile, execFileSync } from 'node:child_process';
+import { copyFileSync, createWriteStream, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const REPO = path.resolve(HERE, '..', '..');
+const TARGET = process.env.CARGO_TARGET_DIR ? path.resolve(REPO, process.env.CARGO_TARGET_DIR) : path.join(REPO, 'target');
+const SSEGATE_BIN = path.join(TARGET, 'release', 'ssegate');
+const BACKEND_BIN = path.join(TARGET, 'release', 'examples', 'sse-backend');
+const WORK = path.join(REPO, 'e2e', '.work', 'tls');
+const CONFIG = path.join(WORK, 'config');
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const LISTEN = process.env.SSEGATE_E2E_TLS_LISTEN || '127.0.0.1:18081';
+const HTTPS = process.env.SSEGATE_E2E_TLS_HTTPS || '127.0.0.1:18443';
+const ADMIN = process.env.SSEGATE_E2E_TLS_ADMIN || '127.0.0.1:18255';
+const BACKEND = process.env.SSEGATE_E2E_BACKEND || '127.0.0.1:9090';
+const HTTPS_PORT = Number(HTTPS.slice(HTTPS.lastIndexOf(':') + 1));
+const ORIGIN = `https://localhost:${HTTPS_PORT}`;
+const STREAMS = 10;
+
+const children = [];
+let browser = null;
+
+function log(msg) {
+  console.log(`[tls] ${msg}`);
+}
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+class CheckError extends Error {}
+function assert(cond, msg) {
+  if (!cond) throw new CheckError(msg);
+}
+
+function portInUse(addr) {
+  const i = addr.lastIndexOf(':');
+  return new Promise((resolve) => {
+    const sock = net.connect({ host: addr.slice(0, i), port: Number(addr.slice(i + 1)) });
+    sock.setTimeout(500);
+    sock.once('connect', () => { sock.destroy(); resolve(true); });
+    sock.once('timeout', () => { sock.destroy(); resolve(false); });
+    sock.once('error', () => resolve(false));
+  });
+}
+
+function start(name, bin, args) {
+  const logFile = path.join(WORK, `${name}.log`);
+  const out = createWriteStream(logFile);
+  const child = spawn(bin, args, { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
+  child.stdout.pipe(out);
+  child.stderr.pipe(out);
+  const entry = { name, child, logFile, exited: null };
+  child.on('exit', (code, signal) => { entry.exited = { code, signal }; });
+  children.push(entry);
+  log(`started ${name} (pid ${child.pid}): ${path.relative(REPO, bin)} ${args.join(' ')}`);
+  return entry;
+}
+
+async function stopAll() {
+  const alive = children.filter((c) => c.exited === null);
+  for (const c of alive) c.child.kill('SIGTERM');
+  const deadline = Date.now() + 2000;
+  while (Date.now() < deadline && alive.some((c) => c.exited === null)) await sleep(50);
+  for (const c of alive) if (c.exited === null) c.child.kill('SIGKILL');
+}
+process.on('exit', () => {
+  for (const c of children) if (c.exited === null) c.child.kill('SIGKILL');
+});
+
+function tail(file, lines = 30) {
+  try {
+    return readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
+  } catch {
+    return '(no log)';
+  }
+}
+
+async function waitFor200(url, entry, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    assert(!entry.exited, `${entry.name} exited before ${url} answered; log:\n${tail(entry.logFile)}`);
+    try {
+      const res = await fetch(url, { signal: AbortSignal.timeout(1000) });
+      if (res.status === 200) return;
+    } catch {}
+    await sleep(100);
+  }
+  throw new CheckError(`${url} not 200 within ${timeoutMs} ms`);
+}
+
+function curl(args) {
+  return new Promise((resolve) => {
+    execFile('curl', ['-sS', '-N', '--max-time', '10', '-w', '\n%{http_version}', ...args],
+      { timeout: 15000 }, (err, stdout, stderr) => resolve({ code: err ? (err.code ?? err.signal) : 0, stdout, stderr }));
+  });
+}
+
+function ids(text) {
+  return [...text.matchAll(/^id: ?(\S+)$/gm)].map((m) => m[1]);
+}
+
+// ---------------------------------------------------------------- setup
+
+function makeConfig() {
+  rmSync(WORK, { recursive: true, force: true });
+  mkdirSync(CONFIG, { recursive: true });
+  const openssl = (args) => execFileSync('openssl', args, { cwd: WORK, stdio: ['ignore', 'ignore', 'pipe'] });
+  openssl(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+    '-keyout', 'ca.key', '-out', 'ca.crt', '-days', '2', '-subj', '/CN=ssegate e2e CA',
+    '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign']);
+  openssl(['req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+    '-keyout', path.join(CONFIG, 'localhost.key'), '-out', 'localhost.csr', '-subj', '/CN=localhost']);
+  writeFileSync(path.join(WORK, 'ext.cnf'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n');
+  openssl(['x509', '-req', '-in', 'localhost.csr', '-CA', 'ca.crt', '-CAkey', 'ca.key', '-CAcreateserial',
+    '-days', '2', '-extfile', 'ext.cnf', '-out', path.join(CONFIG, 'localhost.crt')]);
+  copyFileSync(path.join(REPO, 'manifests', 'examples', 'backend.yaml'), path.join(CONFIG, 'backend.yaml'));
+  writeFileSync(path.join(CONFIG, 'tls.yaml'), `# Standalone mode: the Secret's PEM comes from files next to this manifest.
+apiVersion: v1
+kind: Secret
+metadata:
+  name: localhost-tls
+  namespace: demo
+  annotations:
+    ssegate.io/tls-cert-file: localhost.crt
+    ssegate.io/tls-key-file: localhost.key
+type: kubernetes.io/tls
+---
+apiVersion: ssegate.io/v1alpha1
+kind: SseRoute
+metadata:
+  name: events-tls
+  namespace: demo
+spec:
+  hostnames: [localhost]
+  tls: {secretName: localhost-tls}
+  rules:
+    - match: {path: /events}
+      backend: {service: example-backend, port: 80}
+`);
+}
+
+// ---------------------------------------------------------------- checks
+
+const checks = [];
+const check = (name, fn) => checks.push({ name, fn });
+
+check('curl --http2 over TLS (verified against the CA): HTTP/2, ids 1..3', async () => {
+  const r = await curl(['--http2', '--cacert', path.join(WORK, 'ca.crt'),
+    `${ORIGIN}/events?interval=50ms&count=3`]);
+  const [body, version] = [r.stdout.slice(0, r.stdout.lastIndexOf('\n')), r.stdout.slice(r.stdout.lastIndexOf('\n') + 1)];
+  assert(r.code === 0, `curl exited ${r.code}: ${r.stderr}`);
+  assert(version === '2', `expected HTTP/2, curl reports ${version}`);
+  assert(ids(body).join(',') === '1,2,3', `expected ids 1,2,3 in:\n${body}`);
+});
+
+check('curl --http2-prior-knowledge (h2c) on the plain listener: HTTP/2, ids 1..3', async () => {
+  const r = await curl(['--http2-prior-knowledge', '-H', 'Host: localhost',
+    `http://${LISTEN}/events?interval=50ms&count=3`]);
+  const [body, version] = [r.stdout.slice(0, r.stdout.lastIndexOf('\n')), r.stdout.slice(r.stdout.lastIndexOf('\n') + 1)];
+  assert(r.code === 0, `curl exited ${r.code}: ${r.stderr}`);
+  assert(version === '2', `expected HTTP/2, curl reports ${version}`);
+  assert(ids(body).join(',') === '1,2,3', `expected ids 1,2,3 in:\n${body}`);
+});
+
+/** In the page: opens `n` EventSources and resolves once each has `want` events (or on timeout). */
+function openMany({ n, want, timeoutMs }) {
+  return new Promise((resolve) => {
+    const counts = new Array(n).fill(0);
+    const sources = [];
+    const done = (timedOut) => {
+      clearTimeout(timer);
+      for (const es of sources) es.close();
+      const nav = performance.getEntriesByType('navigation')[0];
+      resolve({ counts, timedOut, protocol: nav ? nav.nextHopProtocol : 'unknown' });
+    };
+    const timer = setTimeout(() => done(true), timeoutMs);
+    for (let i = 0; i < n; i += 1) {
+      const es = new EventSource(`/events?interval=100ms&stream=${i}`);
+      es.addEventListener('tick', () => {
+        counts[i] += 1;
+        if (counts.every((c) => c >= want)) done(false);
+      });
+      sources.push(es);
+    }
+  });
+}
+
+check(`Chromium: ${STREAMS} EventSource streams to one origin over h2 all receive at once`, async () => {
+  assert(existsSync(CHROMIUM), `no browser at ${CHROMIUM}`);
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    timeout: 30000,
+    // The certificate is from a throw-away CA the browser does not know.
+    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-quic',
+      '--no-first-run', '--disable-component-update', '--disable-sync', '--ignore-certificate-errors'],
+  });
+  const context = await browser.newContext({ ignoreHTTPSErrors: true });
+  const page = await context.newPage();
+  await page.goto(`${ORIGIN}/e2e-page-does-not-exist`, { timeout: 10000 });
+  const result = await page.evaluate(openMany, { n: STREAMS, want: 3, timeoutMs: 15000 });
+  log(`  protocol=${result.protocol} events per stream=[${result.counts}]${result.timedOut ? ' TIMED OUT' : ''}`);
+  assert(result.protocol === 'h2', `page loaded over ${result.protocol}, expected h2`);
+  assert(!result.timedOut, `not every stream got 3 events while all ${STREAMS} were open: [${result.counts}]`);
+  await context.close();
+});
+
+// ---------------------------------------------------------------- main
+
+async function main() {
+  for (const bin of [BACKEND_BIN, SSEGATE_BIN]) {
+    assert(existsSync(bin), `${bin} not built; run: cargo build --release --bin ssegate --example sse-backend`);
+  }
+  for (const addr of [BACKEND, LISTEN, HTTPS, ADMIN]) {
+    assert(!(await portInUse(addr)), `${addr} is already in use`);
+  }
+  makeConfig();
+  const backend = start('sse-backend', BACKEND_BIN, ['--listen', BACKEND]);
+  await waitFor200(`http://${BACKEND}/healthz`, backend, 10000);
+  const gate = start('ssegate', SSEGATE_BIN, ['run', '--config', CONFIG, '--listen', LISTEN,
+    '--listen-tls', HTTPS, '--admin', ADMIN, '--https-port', String(HTTPS_PORT)]);
+  await waitFor200(`http://${ADMIN}/readyz`, gate, 30000);
+  log(`ssegate ready: ${ORIGIN} (TLS), http://${LISTEN} (plain)`);
+
+  let failed = 0;
+  for (const { name, fn } of checks) {
+    const started = Date.now();
+    try {
+      await Promise.race([fn(), sleep(40000).then(() => { throw new CheckError('timed out after 40 s'); })]);
+      log(`ok   - ${name} (${Date.now() - started} ms)`);
+    } catch (err) {
+      failed += 1;
+      log(`FAIL - ${name}\n${err instanceof CheckError ? err.message : err.stack}`);
+    }
+  }
+  if (failed) for (const c of children) log(`--- last lines of ${path.relative(REPO, c.logFile)}:\n${tail(c.logFile)}`);
+  console.log(`tls: ${checks.length - failed} passed, ${failed} failed`);
+  return failed === 0;
+}
+
+let ok = false;
+const overall = setTimeout(async () => {
+  log('FAIL - overall timeout of 120 s reached');
+  await stopAll();
+  process.exit(1);
+}, 120000);
+try {
+  ok = await main();
+} catch (err) {
+  log(`FAIL - ${err instanceof CheckError ? err.message : err.stack}`);
+} finally {
+  if (browser) await browser.close().catch(() => {});
+  await stopAll();
+  clearTimeout(overall);
+}
+process.exit(ok ? 0 : 1);
