@@ -345,7 +345,11 @@ mod tests {
         assert!(a.h2_keepalive_interval.non_zero().is_none());
         let p = a.proxy();
         assert_eq!(
-            (p.https_port, p.h2_max_concurrent_streams, p.h2_keepalive_interval),
+            (
+                p.https_port,
+                p.h2_max_concurrent_streams,
+                p.h2_keepalive_interval
+            ),
             (8443, 100, None)
         );
         let a = parse(&["run", "--default-cert", "c.pem", "--default-key", "k.pem"]).unwrap();

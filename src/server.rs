@@ -301,7 +301,12 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
     tasks.spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
     spawn_proxies(
         &mut tasks,
-        Proxy::new(table.clone(), cfg.proxy.clone(), metrics.clone(), drain.clone()),
+        Proxy::new(
+            table.clone(),
+            cfg.proxy.clone(),
+            metrics.clone(),
+            drain.clone(),
+        ),
         listener,
         tls_listener,
     );
@@ -363,7 +368,12 @@ pub async fn start_cluster(
     tasks.spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
     spawn_proxies(
         &mut tasks,
-        Proxy::new(table.clone(), cfg.proxy.clone(), metrics.clone(), drain.clone()),
+        Proxy::new(
+            table.clone(),
+            cfg.proxy.clone(),
+            metrics.clone(),
+            drain.clone(),
+        ),
         listener,
         tls_listener,
     );

@@ -780,7 +780,10 @@ mod tests {
         let uri: Uri = "/events/a?x=1&y=2".parse().unwrap();
         let r = https_redirect("a.example", 443, &uri);
         assert_eq!(r.status(), 308);
-        assert_eq!(r.headers()["location"], "https://a.example/events/a?x=1&y=2");
+        assert_eq!(
+            r.headers()["location"],
+            "https://a.example/events/a?x=1&y=2"
+        );
         let r = https_redirect("::1", 8443, &"/".parse().unwrap());
         assert_eq!(r.headers()["location"], "https://[::1]:8443/");
     }
