@@ -187,6 +187,9 @@ class Replica:
         self.admin = free_port()
         args = [str(SSEGATE), 'run', '--listen', f'127.0.0.1:{self.port}',
                 '--admin', f'127.0.0.1:{self.admin}', '--class', CLASS,
+                # Two replicas on one machine: the default TLS listener (0.0.0.0:8443) would
+                # collide, and this suite does not test TLS.
+                '--listen-tls', 'off',
                 '--lease-name', LEASE, '--lease-namespace', NS,
                 '--lease-duration', f'{LEASE_DURATION:g}s', '--lease-renew-deadline', '3s',
                 '--lease-retry-period', f'{int(RETRY_PERIOD * 1000)}ms', '--identity', name]
