@@ -267,6 +267,36 @@ fn on_load(publisher: &mut Publisher, result: Result<Loaded, Vec<LoadError>>) {
     }
 }
 
+/// The three listeners, bound before anything else starts so a busy port fails at once.
+struct Listeners {
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    tls_listener: Option<TlsListener>,
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
+}
+
+impl Listeners {
+    async fn bind(cfg: &ServerConfig) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let admin_listener = TcpListener::bind(cfg.admin)
+            .await
+            .with_context(|| format!("cannot listen on {} (admin)", cfg.admin))?;
+        let tls_listener = bind_tls(cfg).await?;
+        Ok(Listeners {
+            proxy_addr: listener.local_addr()?,
+            admin_addr: admin_listener.local_addr()?,
+            tls_addr: tls_listener.as_ref().map(|t| t.addr),
+            listener,
+            admin_listener,
+            tls_listener,
+        })
+    }
+}
+
 /// Starts ssegate on manifests in `dir`: binds both listeners (failing fast if it cannot),
 /// loads the directory, and keeps watching it.
 pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result<Running> {
@@ -276,16 +306,14 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
     let drain = Drain::new();
 
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let admin_listener = TcpListener::bind(cfg.admin)
-        .await
-        .with_context(|| format!("cannot listen on {} (admin)", cfg.admin))?;
-    let proxy_addr = listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
-    let tls_listener = bind_tls(&cfg).await?;
-    let tls_addr = tls_listener.as_ref().map(|t| t.addr);
+    let Listeners {
+        listener,
+        admin_listener,
+        tls_listener,
+        proxy_addr,
+        admin_addr,
+        tls_addr,
+    } = Listeners::bind(&cfg).await?;
 
     let mut publisher = Publisher::new(
         table.clone(),
@@ -343,16 +371,14 @@ pub async fn start_cluster(
     let ready = Readiness::default();
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
     let drain = Drain::new();
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let admin_listener = TcpListener::bind(cfg.admin)
-        .await
-        .with_context(|| format!("cannot listen on {} (admin)", cfg.admin))?;
-    let proxy_addr = listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
-    let tls_listener = bind_tls(&cfg).await?;
-    let tls_addr = tls_listener.as_ref().map(|t| t.addr);
+    let Listeners {
+        listener,
+        admin_listener,
+        tls_listener,
+        proxy_addr,
+        admin_addr,
+        tls_addr,
+    } = Listeners::bind(&cfg).await?;
 
     let publisher = Publisher::new(
         table.clone(),
