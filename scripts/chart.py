@@ -275,8 +275,6 @@ def expect(label, values, objs, binary_flags):
     probes = {p: c.get(p, {}).get("httpGet", {}) for p in ("livenessProbe", "readinessProbe")}
     if probes["livenessProbe"].get("path") != "/healthz" or probes["readinessProbe"].get("path") != "/readyz":
         fail(f"probes must be /healthz (liveness) and /readyz (readiness): {probes}")
-    if pod.get("terminationGracePeriodSeconds", 30) < 60:
-        fail("terminationGracePeriodSeconds too short to drain streams")
     if pod.get("automountServiceAccountToken") is not True:
         fail("the controller needs its ServiceAccount token")
 
@@ -289,6 +287,24 @@ def expect(label, values, objs, binary_flags):
     for flag, port in (("listen", "http"), ("admin", "admin"), ("listen-tls", "https")):
         if port in ports and not any(v.endswith(f":{ports[port]}") for v in flags.get(flag, [])):
             fail(f"--{flag} does not bind containerPort {port} ({ports[port]})")
+    if "https" not in ports and flags.get("listen-tls") != ["off"]:
+        fail(f"without a TLS port the TLS listener must be off (--listen-tls=off), not {flags.get('listen-tls')}")
+
+    # Drain: the kubelet's SIGKILL (terminationGracePeriodSeconds) comes after ssegate's own
+    # --grace-period, with room for releasing the Lease (up to 3 s); the drain closes streams
+    # between --drain-delay and the grace period. No preStop hook: ssegate drains on SIGTERM.
+    drain = {}
+    for flag in ("drain-delay", "drain-window", "grace-period"):
+        if len(flags.get(flag, [])) != 1:
+            fail(f"--{flag} must be rendered exactly once: {flags.get(flag)}")
+        drain[flag] = go_seconds(flags[flag][0])
+    tgps = pod.get("terminationGracePeriodSeconds", 30)
+    if tgps < drain["grace-period"] + 5:
+        fail(f"terminationGracePeriodSeconds {tgps} leaves no room after --grace-period={flags['grace-period'][0]}")
+    if drain["grace-period"] <= drain["drain-delay"]:
+        fail("--grace-period ends before the drain starts closing streams (--drain-delay)")
+    if "lifecycle" in c:
+        fail(f"unexpected lifecycle hooks (ssegate drains on SIGTERM by itself): {c['lifecycle']}")
 
     # Replicas, PDB, HPA.
     auto = values.get("autoscaling", {}).get("enabled", False)
@@ -365,6 +381,15 @@ def expect(label, values, objs, binary_flags):
         fail("NetworkPolicy must exist exactly when networkPolicy.enabled")
 
 
+def go_seconds(text):
+    """A Go-style duration (`1m30s`, `250ms`, as `ssegate run` parses them) in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise CheckError(f"not a duration: {text!r}")
+    return sum(float(n) * units[u] for n, u in parts)
+
+
 def binary_flags(ssegate):
     text = run([ssegate, "run", "--help"])
     return set(re.findall(r"--([a-z0-9][a-z0-9-]+)", text)) - {"help"}
@@ -387,6 +412,9 @@ def check_schema_rejects():
         ("ports.http.containerPort=70000", "containerPort"),
         ("controller.watchNamespaces={a,b}", "watchNamespaces"),
         ("leaderElection.leaseDuration=15", "leaseDuration"),
+        ("drain.windowSeconds=30s", "windowSeconds"),
+        ("drain.terminationMarginSeconds=1", "terminationMarginSeconds"),
+        ("terminationGracePeriodSeconds=120", "terminationGracePeriodSeconds"),
     ]
     for setting, needle in cases:
         try:
@@ -396,7 +424,18 @@ def check_schema_rejects():
                 raise CheckError(f"`--set {setting}` failed, but the error does not name {needle}:\n{e}") from None
             continue
         raise CheckError(f"values.schema.json accepts `--set {setting}`")
-    print(f"values.schema.json rejects {len(cases)} bad values with clear errors")
+    # What the schema cannot say (relations between values) the templates `fail` on; `helm lint`
+    # only reports those as INFO, `helm template`/`install` fail.
+    rendered = [("drain.gracePeriodSeconds=5", "drain.gracePeriodSeconds (5) must be greater than drain.delaySeconds (5)")]
+    for setting, needle in rendered:
+        try:
+            render(extra=("--set", setting))
+        except CheckError as e:
+            if needle not in str(e):
+                raise CheckError(f"`--set {setting}` failed, but the error does not say {needle!r}:\n{e}") from None
+            continue
+        raise CheckError(f"the chart renders `--set {setting}`")
+    print(f"values.schema.json and the templates reject {len(cases) + len(rendered)} bad values with clear errors")
 
 
 # ---------------------------------------------------------------- dashboard

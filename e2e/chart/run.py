@@ -13,7 +13,7 @@ exactly as the rendered Deployment starts it.
    substituted, and nothing else:
    - the image's entrypoint (`/ssegate`) -> $CARGO_TARGET_DIR/release/ssegate;
    - the address of `--listen`, `--admin` and `--listen-tls` -> 127.0.0.1:<free port> (the flag
-     names stay, so a flag renamed in the binary but not in the chart fails here);
+     names stay, so a flag renamed in the binary but not in the chart fails here; `off` stays);
    - the in-cluster ServiceAccount config -> KUBECONFIG pointing at the emulator, its context
      namespace set to the release namespace (what in-cluster config defaults to);
    - `valueFrom` env (downward API) -> the value the kubelet would give: metadata.name ->
@@ -24,6 +24,9 @@ exactly as the rendered Deployment starts it.
    gets Ready=True (written by the elected replica), and its Lease is in the release namespace,
    where the chart's leases Role is. With `--namespace` (namespaced RBAC values) the route lives
    in that namespace, and a route in another namespace is neither served nor given a status.
+5. SIGTERM, as the kubelet sends it (the chart has no preStop hook): /readyz fails at once, an
+   open stream gets a `retry:` hint and ends cleanly within the drain, and ssegate exits 0
+   before the rendered pod's terminationGracePeriodSeconds (when the kubelet would SIGKILL it).
 
 Logs: e2e/.work/chart/. Ends with "N passed, M failed".
 """
@@ -32,6 +35,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -132,7 +136,7 @@ def pod_command(deploy):
     argv, addrs = [str(SSEGATE)], {}
     for a in c["args"]:
         name, eq, value = a.partition("=")
-        if eq and name[2:] in ADDRESS_FLAGS:
+        if eq and name[2:] in ADDRESS_FLAGS and value != "off":
             addrs[name[2:]] = f"127.0.0.1:{free_port()}"
             a = f"{name}={addrs[name[2:]]}"
         argv.append(a)
@@ -266,6 +270,40 @@ def scenario(values):
     if not leases:
         raise Failed(f"no Lease in the release namespace {chart.NAMESPACE} (the chart's Role covers only there)")
     ok(f"leader-election Lease in namespace {chart.NAMESPACE}: {', '.join(leases)}")
+
+    # 5. The drain, bounded by the pod's terminationGracePeriodSeconds.
+    grace = deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    c, r = http_get(addrs["listen"], "/ticks?interval=100ms", timeout=grace)
+    head = [r.readline() for _ in range(20)] if r.status == 200 else []
+    if b"event: tick\n" not in head:
+        raise Failed(f"no stream open before SIGTERM (status {r.status}): {head}")
+    started = time.monotonic()
+    gate.send_signal(signal.SIGTERM)
+
+    def not_ready():
+        c2, r2 = http_get(addrs["admin"], "/readyz", timeout=2)
+        c2.close()
+        return r2.status == 503
+    eventually("/readyz fails after SIGTERM", not_ready, timeout=2)
+    ok("SIGTERM: /readyz is 503 at once")
+    tail_lines = []
+    while True:
+        line = r.readline()
+        if not line:
+            break
+        tail_lines.append(line)
+    c.close()
+    if not any(line.startswith(b"retry:") for line in tail_lines):
+        raise Failed(f"the drained stream ended without a retry: hint: {tail_lines[-5:]}")
+    try:
+        code = gate.wait(timeout=max(0.0, grace - (time.monotonic() - started)))
+    except subprocess.TimeoutExpired:
+        raise Failed(f"ssegate still running {grace} s after SIGTERM (terminationGracePeriodSeconds): "
+                     "the kubelet would SIGKILL it") from None
+    if code != 0:
+        raise Failed(f"ssegate exited with {code} after SIGTERM:\n{tail('ssegate')}")
+    ok(f"SIGTERM: the open stream got a retry: hint and ended; ssegate exited 0 after "
+       f"{time.monotonic() - started:.1f} s, within terminationGracePeriodSeconds ({grace} s)")
 
 
 def main():

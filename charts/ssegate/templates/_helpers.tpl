@@ -58,6 +58,18 @@ app.kubernetes.io/part-of: ssegate
 {{- if .Values.autoscaling.enabled }}{{ .Values.autoscaling.minReplicas }}{{ else }}{{ .Values.replicaCount }}{{ end }}
 {{- end }}
 
+{{/*
+The pod's terminationGracePeriodSeconds: ssegate exits by --grace-period after SIGTERM (it
+drains by itself, no preStop hook), so the kubelet's SIGKILL comes a margin later.
+*/}}
+{{- define "ssegate.terminationGracePeriodSeconds" -}}
+{{- $d := .Values.drain }}
+{{- if le (int $d.gracePeriodSeconds) (int $d.delaySeconds) }}
+{{- fail (printf "drain.gracePeriodSeconds (%d) must be greater than drain.delaySeconds (%d): streams are closed between the two" (int $d.gracePeriodSeconds) (int $d.delaySeconds)) }}
+{{- end }}
+{{- add (int $d.gracePeriodSeconds) (int $d.terminationMarginSeconds) }}
+{{- end }}
+
 {{/* host:port of a listener. */}}
 {{- define "ssegate.bind" -}}
 {{- printf "%s:%d" .addr (int .port) }}
@@ -86,11 +98,14 @@ but not here fails the test command.
   (list "lease-duration" $v.leaderElection.leaseDuration)
   (list "lease-renew-deadline" $v.leaderElection.renewDeadline)
   (list "lease-retry-period" $v.leaderElection.retryPeriod)
-  (list "listen-tls" (ternary (include "ssegate.bind" (dict "addr" $c.bindAddress "port" $v.ports.https.containerPort)) "" $v.tls.enabled))
+  (list "listen-tls" (ternary (include "ssegate.bind" (dict "addr" $c.bindAddress "port" $v.ports.https.containerPort)) "off" $v.tls.enabled))
   (list "https-port" (ternary $v.ports.https.servicePort "" $v.tls.enabled))
   (list "default-cert-secret" (ternary $v.tls.defaultCertSecret "" $v.tls.enabled))
   (list "h2-max-concurrent-streams" $v.http2.maxConcurrentStreams)
   (list "h2-keepalive-interval" $v.http2.keepaliveInterval)
+  (list "drain-delay" (printf "%ds" (int $v.drain.delaySeconds)))
+  (list "drain-window" (printf "%ds" (int $v.drain.windowSeconds)))
+  (list "grace-period" (printf "%ds" (int $v.drain.gracePeriodSeconds)))
 }}
 {{- range $flags }}
 {{- $name := index . 0 }}
