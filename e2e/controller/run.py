@@ -292,7 +292,9 @@ def setup() -> tuple[int, list[Replica]]:
     if not REAL:
         # A real cluster would start the Deployment; the emulator only stores it.
         out = kubectl('apply', '--validate=false', '-f', str(REPO / 'crds'), '-f', str(REPO / 'manifests/install'))
-        check('deployment.apps/ssegate created' in out and 'clusterrole.rbac.authorization.k8s.io/ssegate created' in out,
+        check(all(f'{o} created' in out for o in (
+                  'namespace/ssegate', 'deployment.apps/ssegate', 'clusterrole.rbac.authorization.k8s.io/ssegate',
+                  'role.rbac.authorization.k8s.io/ssegate-leader-election', 'serviceaccount/ssegate')),
               'kubectl apply -f crds/ -f manifests/install/ installs ssegate', out)
     else:
         replicas = [Replica('ssegate-a'), Replica('ssegate-b')]
@@ -430,10 +432,30 @@ def scenario_6(replicas: list[Replica], backend_port: int) -> None:
 
 
 def check_rbac() -> None:
-    """Every request ssegate made is allowed by manifests/install/clusterrole.yaml."""
-    role = yaml.safe_load((REPO / 'manifests/install/clusterrole.yaml').read_text())
-    allowed = {(g, res, v) for rule in role['rules'] for g in rule['apiGroups']
-               for res in rule['resources'] for v in rule['verbs']}
+    """Every request ssegate made is allowed by the RBAC that manifests/install/ (generated from
+    the chart) grants the Deployment's ServiceAccount: ClusterRoles in every namespace, Roles only
+    in their own. The replicas here keep their Lease in NS, which stands in for the install
+    namespace (where the Deployment runs and the chart puts its leases Role)."""
+    objs = [o for f in sorted((REPO / 'manifests/install').glob('*.yaml'))
+            for o in yaml.safe_load_all(f.read_text()) if o]
+    (deploy,) = [o for o in objs if o['kind'] == 'Deployment']
+    install_ns = deploy['metadata']['namespace']
+    sa = deploy['spec']['template']['spec']['serviceAccountName']
+    roles = {(o['kind'], o['metadata'].get('namespace'), o['metadata']['name']): o
+             for o in objs if o['kind'] in ('ClusterRole', 'Role')}
+    allowed = set()  # (namespace, or None for all; group, resource, verb)
+    for b in objs:
+        if b['kind'] not in ('ClusterRoleBinding', 'RoleBinding') or not any(
+                s['kind'] == 'ServiceAccount' and s['name'] == sa and s.get('namespace') == install_ns
+                for s in b['subjects']):
+            continue
+        scope = None if b['kind'] == 'ClusterRoleBinding' else b['metadata']['namespace']
+        ref = b['roleRef']
+        role = roles[(ref['kind'], scope if ref['kind'] == 'Role' else None, ref['name'])]
+        if scope == install_ns:
+            scope = NS
+        allowed |= {(scope, g, res, v) for rule in role['rules'] for g in rule['apiGroups']
+                    for res in rule['resources'] for v in rule['verbs']}
     used = set()
     for line in (WORK / 'audit.jsonl').read_text().splitlines():
         req = json.loads(line)
@@ -446,17 +468,20 @@ def check_rbac() -> None:
             group, rest = parts[1], parts[3:]
         else:
             continue  # non-resource URLs (/version ...) are open to every authenticated user
+        ns = None
         if rest[:1] == ['namespaces'] and len(rest) > 2:
-            rest = rest[2:]
+            ns, rest = rest[1], rest[2:]
         resource = rest[0] + (f'/{rest[2]}' if len(rest) > 2 else '')
         named = len(rest) > 1
         verb = {'GET': 'watch' if 'watch=' in req['query'] and 'watch=false' not in req['query']
                 else ('get' if named else 'list'),
                 'POST': 'create', 'PUT': 'update', 'PATCH': 'patch', 'DELETE': 'delete'}[req['method']]
-        used.add((group, resource, verb))
-    missing = sorted(u for u in used if u not in allowed)
-    check(not missing, 'every API request of ssegate is allowed by its ClusterRole', str(missing))
-    log(f'ssegate used: {sorted(used)}')
+        used.add((ns, group, resource, verb))
+    missing = sorted((u for u in used if (None, *u[1:]) not in allowed and u not in allowed),
+                     key=str)
+    check(not missing, 'every API request of ssegate is allowed by the RBAC in manifests/install/',
+          str(missing))
+    log(f'ssegate used: {sorted(used, key=str)}')
 
 
 def main() -> int:
