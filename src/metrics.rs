@@ -15,7 +15,7 @@ use prometheus::{
 };
 
 /// Every `reason` of `ssegate_upstream_errors_total`.
-pub const UPSTREAM_ERROR_REASONS: [&str; 8] = [
+pub const UPSTREAM_ERROR_REASONS: [&str; 9] = [
     "connect_failed",
     "connect_timeout",
     "first_byte_timeout",
@@ -24,12 +24,13 @@ pub const UPSTREAM_ERROR_REASONS: [&str; 8] = [
     "reset",
     "idle_timeout",
     "invalid_response",
+    "upstream_tls",
 ];
 /// Every `outcome` of `ssegate_poll_requests_total`: `success` (2xx with a valid answer),
 /// `no_content` (204: the feed is over), `retry` (429/503 with `Retry-After`, called again),
 /// `http_error` (any other status), `invalid_response` (not the JSON protocol), and the
 /// transport failures of [`UPSTREAM_ERROR_REASONS`].
-pub const POLL_OUTCOMES: [&str; 10] = [
+pub const POLL_OUTCOMES: [&str; 11] = [
     "success",
     "no_content",
     "retry",
@@ -40,6 +41,7 @@ pub const POLL_OUTCOMES: [&str; 10] = [
     "first_byte_timeout",
     "no_endpoints",
     "protocol",
+    "upstream_tls",
 ];
 /// Every `reason` of `ssegate_rejected_total`.
 pub const REJECT_REASONS: [&str; 3] = ["over_capacity", "bad_request", "client_streams"];
@@ -154,7 +156,8 @@ impl Metrics {
         let upstream_errors_total = counter(
             "ssegate_upstream_errors_total",
             "Upstream failures per route and reason (connect_failed, connect_timeout, \
-             first_byte_timeout, no_endpoints, protocol, reset, idle_timeout).",
+             first_byte_timeout, no_endpoints, protocol, reset, idle_timeout, \
+             invalid_response, upstream_tls).",
             &["route", "reason"],
         );
         let rejected_total = counter(
@@ -171,7 +174,7 @@ impl Metrics {
             "ssegate_poll_requests_total",
             "Backend calls of poll-mode routes, per route and outcome (success, no_content, \
              retry, http_error, invalid_response, connect_failed, connect_timeout, \
-             first_byte_timeout, no_endpoints, protocol).",
+             first_byte_timeout, no_endpoints, protocol, upstream_tls).",
             &["route", "outcome"],
         );
         let client_disconnects_total = counter(

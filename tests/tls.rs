@@ -612,6 +612,12 @@ async fn redirect_sends_plain_http_to_https_with_host_path_and_query() {
 /// A TLS backend with a certificate for `backend.internal` from `ca`; with `client_ca` it
 /// requires client certificates from that CA.
 async fn tls_backend(ca: &Ca, client_ca: Option<&Ca>) -> Backend {
+    Backend::start_with(Reply::Sse, backend_tls(ca, client_ca)).await
+}
+
+/// Backend options serving TLS (ALPN h2, http/1.1) with a certificate for `backend.internal`
+/// from `ca`; with `client_ca` client certificates from that CA are required.
+fn backend_tls(ca: &Ca, client_ca: Option<&Ca>) -> BackendOpts {
     let leaf = ca.leaf(&["backend.internal"]);
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -634,20 +640,16 @@ async fn tls_backend(ca: &Ca, client_ca: Option<&Ca>) -> Backend {
         )
         .unwrap();
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Backend::start_with(
-        Reply::Sse,
-        BackendOpts {
-            tls: Some(Arc::new(cfg)),
-        },
-    )
-    .await
+    BackendOpts {
+        tls: Some(Arc::new(cfg)),
+    }
 }
 
 /// ssegate with one route `/events` (any host) whose backend YAML gets `backend_extra`;
 /// `ca.crt` (the CA's PEM) is loaded from a file through the standalone annotation.
 async fn upstream_setup(
     ca: &Ca,
-    backend: &Backend,
+    backend: SocketAddr,
     backend_extra: &str,
     extra_files: &[(&str, String)],
 ) -> (Running, ConfigDir) {
@@ -657,7 +659,7 @@ async fn upstream_setup(
         "ca.yaml",
         "apiVersion: v1\nkind: Secret\nmetadata:\n  name: backend-ca\n  namespace: apps\n  annotations: {ssegate.io/ca-file: ca.pem}\n",
     );
-    cfg.write("svc.yaml", &service_yaml("svc", &[backend.addr], &[]));
+    cfg.write("svc.yaml", &service_yaml("svc", &[backend], &[]));
     cfg.write("route.yaml", &tls_route("up", &[], None, backend_extra));
     for (name, text) in extra_files {
         cfg.write(name, text);
@@ -671,7 +673,7 @@ async fn upstream_tls_verified_with_a_private_ca() {
     let mut backend = tls_backend(&ca, None).await;
     let (ss, _cfg) = upstream_setup(
         &ca,
-        &backend,
+        backend.addr,
         "        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal}\n",
         &[],
     )
@@ -690,7 +692,7 @@ async fn upstream_tls_with_the_wrong_ca_or_name_is_a_502() {
     let backend = tls_backend(&Ca::new(), None).await;
     let (ss, _cfg) = upstream_setup(
         &ca,
-        &backend,
+        backend.addr,
         "        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal}\n",
         &[],
     )
@@ -702,7 +704,7 @@ async fn upstream_tls_with_the_wrong_ca_or_name_is_a_502() {
     let backend = tls_backend(&ca, None).await;
     let (ss, _cfg) = upstream_setup(
         &ca,
-        &backend,
+        backend.addr,
         "        tls: {enabled: true, caSecretName: backend-ca, serverName: wrong.internal}\n",
         &[],
     )
@@ -718,7 +720,7 @@ async fn upstream_h2_over_mutual_tls() {
     let me = client_ca.leaf(&["ssegate.client"]);
     let tls = "        protocol: h2\n        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal, clientCertSecretName: me}\n";
     let (ss, _cfg) =
-        upstream_setup(&ca, &backend, tls, &[("me.yaml", secret_yaml("me", &me))]).await;
+        upstream_setup(&ca, backend.addr, tls, &[("me.yaml", secret_yaml("me", &me))]).await;
     let mut resp = get(ss.proxy_addr, "h", "/events?x=1").await;
     let st = backend.next_stream().await;
     assert_eq!(st.parts.version, Version::HTTP_2);
@@ -736,7 +738,7 @@ async fn upstream_h2_over_mutual_tls() {
     // Without the client certificate the backend refuses the handshake.
     let (ss, _cfg) = upstream_setup(
         &ca,
-        &backend,
+        backend.addr,
         "        protocol: h2\n        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal}\n",
         &[],
     )
@@ -747,12 +749,101 @@ async fn upstream_h2_over_mutual_tls() {
 #[tokio::test]
 async fn upstream_h2c() {
     let mut backend = Backend::start(Reply::Sse).await;
-    let (ss, _cfg) = upstream_setup(&Ca::new(), &backend, "        protocol: h2c\n", &[]).await;
+    let (ss, _cfg) = upstream_setup(&Ca::new(), backend.addr, "        protocol: h2c\n", &[]).await;
     let mut resp = get(ss.proxy_addr, "h", "/events").await;
     let st = backend.next_stream().await;
     assert_eq!(st.parts.version, Version::HTTP_2);
     st.send("data: h2c upstream\n\n").await;
     assert_eq!(resp.chunk().await.unwrap(), "data: h2c upstream\n\n");
+}
+
+// ---------------------------------------------------------------- poll routes upstream
+
+/// Rule lines that make the route of [`upstream_setup`] a poll route calling at once.
+const POLL: &str = "      mode: Poll\n      poll: {minWait: 0s}\n      keepalive: {interval: 0s}\n";
+
+/// Runs a poll stream through `ss` against `backend`: two calls (the second on the same
+/// connection as the first), each answered with one event; checks the calls' HTTP version
+/// and the events the client gets.
+async fn poll_two_calls(ss: &Running, backend: &mut JsonBackend, version: Version) {
+    let addr = ss.proxy_addr;
+    let client = tokio::spawn(async move { get(addr, "h", "/events?x=1").await });
+    let c1 = backend.next_call().await;
+    assert_eq!(c1.parts.version, version);
+    assert_eq!(c1.path_and_query(), "/events?x=1");
+    if version == Version::HTTP_2 {
+        assert_eq!(c1.parts.uri.host(), Some("h"));
+    } else {
+        assert_eq!(c1.header("host"), Some("h"));
+    }
+    let peer = c1.peer;
+    c1.json(r#"{"list":[{"n":1}],"continue":true,"wait":"0s","next":1}"#);
+    let c2 = backend.next_call().await;
+    assert_eq!(c2.parts.version, version);
+    assert_eq!(c2.query("previous").as_deref(), Some("1"));
+    assert_eq!(c2.peer, peer, "the second call reuses the first call's connection");
+    c2.json(r#"{"list":[{"n":2}],"continue":false}"#);
+    let resp = client.await.unwrap();
+    assert_eq!(resp.status, 200);
+    let text = resp.text().await;
+    assert_eq!(
+        events(&text),
+        vec![
+            vec!["id: 1".to_string(), "data: {\"n\":1}".to_string()],
+            vec!["data: {\"n\":2}".to_string()],
+            vec!["event: end".to_string(), "data: {}".to_string()],
+        ],
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn poll_route_over_tls_verified_with_a_private_ca() {
+    let ca = Ca::new();
+    let mut backend = JsonBackend::start_with(backend_tls(&ca, None)).await;
+    let tls = "        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal}\n";
+    let (ss, _cfg) = upstream_setup(&ca, backend.addr, &format!("{tls}{POLL}"), &[]).await;
+    poll_two_calls(&ss, &mut backend, Version::HTTP_11).await;
+}
+
+#[tokio::test]
+async fn poll_route_with_the_wrong_ca_is_a_502_upstream_tls() {
+    let ca = Ca::new();
+    let mut backend = JsonBackend::start_with(backend_tls(&Ca::new(), None)).await;
+    let tls = "        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal}\n";
+    let (ss, _cfg) = upstream_setup(&ca, backend.addr, &format!("{tls}{POLL}"), &[]).await;
+    let resp = get(ss.proxy_addr, "h", "/events").await;
+    assert_eq!(resp.status, 502);
+    assert!(resp.text().await.contains("upstream_tls"));
+    assert!(
+        backend.call_within(Duration::from_millis(200)).await.is_none(),
+        "no call reaches a backend that failed verification"
+    );
+    let m = metrics(&ss).await;
+    let outcome = r#"ssegate_poll_requests_total{outcome="upstream_tls",route="apps/up"}"#;
+    assert_eq!(sample(&m, outcome), Some(1.0), "{m}");
+    let reason = r#"ssegate_upstream_errors_total{reason="upstream_tls",route="apps/up"}"#;
+    assert_eq!(sample(&m, reason), Some(1.0), "{m}");
+}
+
+#[tokio::test]
+async fn poll_route_over_h2_with_mutual_tls() {
+    let ca = Ca::new();
+    let client_ca = Ca::new();
+    let mut backend = JsonBackend::start_with(backend_tls(&ca, Some(&client_ca))).await;
+    let me = client_ca.leaf(&["ssegate.client"]);
+    let tls = "        protocol: h2\n        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal, clientCertSecretName: me}\n";
+    let me = [("me.yaml", secret_yaml("me", &me))];
+    let (ss, _cfg) = upstream_setup(&ca, backend.addr, &format!("{tls}{POLL}"), &me).await;
+    poll_two_calls(&ss, &mut backend, Version::HTTP_2).await;
+}
+
+#[tokio::test]
+async fn poll_route_over_h2c() {
+    let mut backend = JsonBackend::start().await;
+    let extra = format!("        protocol: h2c\n{POLL}");
+    let (ss, _cfg) = upstream_setup(&Ca::new(), backend.addr, &extra, &[]).await;
+    poll_two_calls(&ss, &mut backend, Version::HTTP_2).await;
 }
 
 // ---------------------------------------------------------------- real clients

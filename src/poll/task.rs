@@ -26,9 +26,6 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::{
@@ -38,6 +35,7 @@ use super::{
 use crate::balance::{Endpoint, EndpointLease};
 use crate::proxy::error::ProxyError;
 use crate::proxy::relay::StreamGuard;
+use crate::proxy::upstream::{self, Sender, UpstreamConn};
 use crate::proxy::{CONNECT_ATTEMPTS, connect, strip_hop_by_hop, upstream_request};
 use crate::routing::Rule;
 use crate::sse::KEEPALIVE;
@@ -56,12 +54,13 @@ pub type PollResponse = Response<Either<Full<Bytes>, PollBody>>;
 /// The event stream of a poll route in production: calls over HTTP.
 pub type PollBody = PollStream<Arc<PollCtx>>;
 
-type Conn = http1::Connection<TokioIo<TcpStream>, Full<Bytes>>;
+type Conn = UpstreamConn<Full<Bytes>>;
 
-/// A keep-alive HTTP/1 connection to one endpoint.
+/// A keep-alive connection to one endpoint, opened like a stream route's (cleartext or TLS,
+/// HTTP/1.1 or HTTP/2 as `backend.tls` and `backend.protocol` say).
 pub struct Upstream {
     addr: SocketAddr,
-    sender: http1::SendRequest<Full<Bytes>>,
+    sender: Sender<Full<Bytes>>,
     /// `None` once the connection has finished.
     conn: Option<Pin<Box<Conn>>>,
 }
@@ -159,7 +158,8 @@ impl PollCtx {
             .parse()
             .map_err(|_| ProxyError::BadRequest("invalid path"))?;
         *req.headers_mut() = self.headers.clone();
-        Ok(req)
+        // HTTP/2 upstreams take the scheme and authority in the URI.
+        upstream::prepare_request(&self.rule, req)
     }
 }
 
@@ -176,12 +176,7 @@ async fn open(
 ) -> Result<(Upstream, EndpointLease), ProxyError> {
     let (stream, lease) = connect(rule, plan).await?;
     let addr = lease.endpoint().addr();
-    let (sender, conn) = http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|source| ProxyError::Upstream {
-            backend: rule.backend.name.clone(),
-            source,
-        })?;
+    let (sender, conn) = upstream::handshake(rule, stream).await?;
     let up = Upstream {
         addr,
         sender,
@@ -446,7 +441,7 @@ where
 fn outcome_label(e: &ProxyError) -> &'static str {
     match e.metric_label() {
         l @ ("connect_failed" | "connect_timeout" | "first_byte_timeout" | "no_endpoints"
-        | "invalid_response") => l,
+        | "invalid_response" | "upstream_tls") => l,
         _ => "protocol",
     }
 }

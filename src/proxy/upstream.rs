@@ -7,6 +7,10 @@
 //! returned here is only the request dispatcher, which finishes once the request is sent, and
 //! the spawned task ends when the response stream is done or dropped (client gone), so the
 //! upstream connection still closes with the client.
+//!
+//! Poll routes ([`crate::poll::task`]) use the same handshake with a buffered request body
+//! and keep the connection between calls, so both modes honour `backend.tls` and
+//! `backend.protocol` alike.
 
 use std::future::Future;
 use std::io;
@@ -17,7 +21,7 @@ use std::task::{Context, Poll};
 use futures_util::future::Either;
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -29,6 +33,19 @@ use crate::routing::Rule;
 use crate::tls::UpstreamTls;
 
 use super::error::ProxyError;
+use super::relay::BoxError;
+
+/// A request body ssegate sends upstream: the client's own ([`Incoming`]) when relaying a
+/// stream, a buffered one for the calls of a poll route.
+pub trait RequestBody:
+    http_body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
+impl<B> RequestBody for B where
+    B: http_body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
 
 /// A byte stream to a backend: plain TCP or TLS over TCP.
 #[derive(Debug)]
@@ -96,15 +113,18 @@ impl AsyncWrite for UpstreamIo {
 pin_project! {
     /// The connection future of one upstream exchange (see the module docs).
     #[project = UpstreamConnProj]
-    pub enum UpstreamConn {
+    pub enum UpstreamConn<B = Incoming>
+    where
+        B: RequestBody,
+    {
         /// HTTP/1.1: the whole connection.
-        H1 { #[pin] conn: http1::Connection<TokioIo<UpstreamIo>, Incoming> },
+        H1 { #[pin] conn: http1::Connection<TokioIo<UpstreamIo>, B> },
         /// HTTP/2: the request dispatcher; the I/O runs in a task hyper spawned.
-        H2 { #[pin] conn: http2::Connection<TokioIo<UpstreamIo>, Incoming, TokioExecutor> },
+        H2 { #[pin] conn: http2::Connection<TokioIo<UpstreamIo>, B, TokioExecutor> },
     }
 }
 
-impl Future for UpstreamConn {
+impl<B: RequestBody> Future for UpstreamConn<B> {
     type Output = Result<(), hyper::Error>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
@@ -115,28 +135,59 @@ impl Future for UpstreamConn {
 }
 
 /// Sends the request on an upstream connection.
-pub enum Sender {
+pub enum Sender<B = Incoming> {
     /// HTTP/1.1.
-    H1(http1::SendRequest<Incoming>),
+    H1(http1::SendRequest<B>),
     /// HTTP/2.
-    H2(http2::SendRequest<Incoming>),
+    H2(http2::SendRequest<B>),
 }
 
-impl Sender {
+impl<B: RequestBody> Sender<B> {
     /// Sends `req` (already shaped by [`prepare_request`]).
     pub fn send_request(
         &mut self,
-        req: Request<Incoming>,
-    ) -> impl Future<Output = hyper::Result<Response<Incoming>>> + use<> {
+        req: Request<B>,
+    ) -> impl Future<Output = hyper::Result<Response<Incoming>>> + use<B> {
         match self {
             Sender::H1(s) => Either::Left(s.send_request(req)),
             Sender::H2(s) => Either::Right(s.send_request(req)),
         }
     }
+
+    /// Like [`Sender::send_request`], but a request that never left (the connection was
+    /// already closing) comes back in the error, so it can be sent on another connection.
+    pub fn try_send_request(
+        &mut self,
+        req: Request<B>,
+    ) -> impl Future<Output = Result<Response<Incoming>, TrySendError<Request<B>>>> + use<B> {
+        match self {
+            Sender::H1(s) => Either::Left(s.try_send_request(req)),
+            Sender::H2(s) => Either::Right(s.try_send_request(req)),
+        }
+    }
+
+    /// Waits until the connection can take a request; an error once it is closed.
+    pub async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
+
+    /// True once the connection is closed (no further request can be sent).
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
 }
 
 /// Opens TLS (when the rule's backend has it) and the HTTP handshake on a connected socket.
-pub async fn handshake(rule: &Rule, tcp: TcpStream) -> Result<(Sender, UpstreamConn), ProxyError> {
+pub async fn handshake<B: RequestBody>(
+    rule: &Rule,
+    tcp: TcpStream,
+) -> Result<(Sender<B>, UpstreamConn<B>), ProxyError> {
     let backend = || rule.backend.name.clone();
     let io = match &rule.upstream_tls {
         None => UpstreamIo::Plain(tcp),
@@ -200,10 +251,7 @@ async fn tls_connect(
 
 /// Shapes a request built for HTTP/1.1 for the rule's protocol: HTTP/2 needs the scheme and
 /// authority in the URI (`:scheme`, `:authority`), taken from the `Host` header.
-pub fn prepare_request(
-    rule: &Rule,
-    req: Request<Incoming>,
-) -> Result<Request<Incoming>, ProxyError> {
+pub fn prepare_request<B>(rule: &Rule, req: Request<B>) -> Result<Request<B>, ProxyError> {
     if rule.protocol == BackendProtocol::Http1 {
         return Ok(req);
     }

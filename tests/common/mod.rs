@@ -558,6 +558,12 @@ pub struct JsonBackend {
 
 impl JsonBackend {
     pub async fn start() -> JsonBackend {
+        Self::start_with(BackendOpts::default()).await
+    }
+
+    /// A JSON backend speaking HTTP/1.1 and HTTP/2 (prior knowledge or ALPN), with TLS if
+    /// asked.
+    pub async fn start_with(opts: BackendOpts) -> JsonBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (calls_tx, calls) = mpsc::unbounded_channel();
@@ -565,6 +571,7 @@ impl JsonBackend {
             loop {
                 let (sock, peer) = listener.accept().await.unwrap();
                 let calls_tx = calls_tx.clone();
+                let tls = opts.tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let calls_tx = calls_tx.clone();
@@ -591,9 +598,21 @@ impl JsonBackend {
                             Ok::<_, Infallible>(resp.body(Full::new(Bytes::from(text))).unwrap())
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(sock), svc)
-                        .await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    match tls {
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(sock), svc).await;
+                        }
+                        Some(cfg) => {
+                            let Ok(io) = tokio_rustls::TlsAcceptor::from(cfg).accept(sock).await
+                            else {
+                                return;
+                            };
+                            let _ = builder.serve_connection(TokioIo::new(io), svc).await;
+                        }
+                    }
                 });
             }
         });
