@@ -719,8 +719,13 @@ async fn upstream_h2_over_mutual_tls() {
     let mut backend = tls_backend(&ca, Some(&client_ca)).await;
     let me = client_ca.leaf(&["ssegate.client"]);
     let tls = "        protocol: h2\n        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal, clientCertSecretName: me}\n";
-    let (ss, _cfg) =
-        upstream_setup(&ca, backend.addr, tls, &[("me.yaml", secret_yaml("me", &me))]).await;
+    let (ss, _cfg) = upstream_setup(
+        &ca,
+        backend.addr,
+        tls,
+        &[("me.yaml", secret_yaml("me", &me))],
+    )
+    .await;
     let mut resp = get(ss.proxy_addr, "h", "/events?x=1").await;
     let st = backend.next_stream().await;
     assert_eq!(st.parts.version, Version::HTTP_2);
@@ -781,7 +786,10 @@ async fn poll_two_calls(ss: &Running, backend: &mut JsonBackend, version: Versio
     let c2 = backend.next_call().await;
     assert_eq!(c2.parts.version, version);
     assert_eq!(c2.query("previous").as_deref(), Some("1"));
-    assert_eq!(c2.peer, peer, "the second call reuses the first call's connection");
+    assert_eq!(
+        c2.peer, peer,
+        "the second call reuses the first call's connection"
+    );
     c2.json(r#"{"list":[{"n":2}],"continue":false}"#);
     let resp = client.await.unwrap();
     assert_eq!(resp.status, 200);
@@ -801,7 +809,8 @@ async fn poll_two_calls(ss: &Running, backend: &mut JsonBackend, version: Versio
 async fn poll_route_over_tls_verified_with_a_private_ca() {
     let ca = Ca::new();
     let mut backend = JsonBackend::start_with(backend_tls(&ca, None)).await;
-    let tls = "        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal}\n";
+    let tls =
+        "        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal}\n";
     let (ss, _cfg) = upstream_setup(&ca, backend.addr, &format!("{tls}{POLL}"), &[]).await;
     poll_two_calls(&ss, &mut backend, Version::HTTP_11).await;
 }
@@ -810,13 +819,17 @@ async fn poll_route_over_tls_verified_with_a_private_ca() {
 async fn poll_route_with_the_wrong_ca_is_a_502_upstream_tls() {
     let ca = Ca::new();
     let mut backend = JsonBackend::start_with(backend_tls(&Ca::new(), None)).await;
-    let tls = "        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal}\n";
+    let tls =
+        "        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal}\n";
     let (ss, _cfg) = upstream_setup(&ca, backend.addr, &format!("{tls}{POLL}"), &[]).await;
     let resp = get(ss.proxy_addr, "h", "/events").await;
     assert_eq!(resp.status, 502);
     assert!(resp.text().await.contains("upstream_tls"));
     assert!(
-        backend.call_within(Duration::from_millis(200)).await.is_none(),
+        backend
+            .call_within(Duration::from_millis(200))
+            .await
+            .is_none(),
         "no call reaches a backend that failed verification"
     );
     let m = metrics(&ss).await;
