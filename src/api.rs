@@ -102,7 +102,7 @@ pub struct RouteRule {
     /// Comment lines sent to the client while the stream is idle.
     #[serde(default)]
     pub keepalive: Keepalive,
-    /// Upstream timeouts; `0s` disables one.
+    /// Upstream timeouts and the client write timeout; `0s` disables one.
     #[serde(default)]
     pub timeouts: Timeouts,
     /// Concurrent streams this rule accepts through one ssegate replica (0 = unlimited);
@@ -432,7 +432,8 @@ impl Default for Keepalive {
     }
 }
 
-/// Upstream timeouts. `0s` disables a timeout.
+/// Timeouts of a rule's streams: upstream ones and the client write timeout. `0s` disables a
+/// timeout.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Timeouts {
@@ -450,6 +451,11 @@ pub struct Timeouts {
     /// Longest stream lifetime (default `0s`: none); the stream ends at an event boundary.
     #[serde(default)]
     pub max_duration: Duration,
+    /// How long a client may accept no data at all before it is disconnected (counted as
+    /// `write_timeout`); overrides `--client-write-timeout` for this rule's streams (unset:
+    /// the flag; `0s`: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_write_timeout: Option<Duration>,
 }
 
 impl Timeouts {
@@ -468,6 +474,7 @@ impl Default for Timeouts {
             first_byte: Self::default_first_byte(),
             idle: Duration::ZERO,
             max_duration: Duration::ZERO,
+            client_write_timeout: None,
         }
     }
 }
@@ -706,12 +713,30 @@ mod tests {
         assert_eq!(rule.timeouts.connect, Duration::from_secs(5));
         assert_eq!(rule.timeouts.first_byte, Duration::from_secs(30));
         assert_eq!(rule.timeouts.idle, Duration::ZERO);
+        assert_eq!(rule.timeouts.client_write_timeout, None);
         assert_eq!(rule.max_connections, 0);
         assert_eq!(rule.backend.port, PortRef::Number(8080));
         assert_eq!(rule.backend.protocol, BackendProtocol::Http1);
         assert!(rule.backend.tls.is_none() && spec.tls.is_none());
         assert_eq!(rule.load_balancing, LoadBalancing::default());
         assert_eq!(rule.load_balancing.policy, BalancePolicy::RoundRobin);
+    }
+
+    #[test]
+    fn client_write_timeout_is_a_per_rule_timeout() {
+        let t: Timeouts = serde_yaml::from_str("clientWriteTimeout: 5s").unwrap();
+        assert_eq!(t.client_write_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(t.connect, Duration::from_secs(5));
+        let off: Timeouts = serde_yaml::from_str("clientWriteTimeout: 0s").unwrap();
+        assert_eq!(off.client_write_timeout, Some(Duration::ZERO));
+        // Unset stays unset on the way out (the flag applies).
+        let text = serde_yaml::to_string(&Timeouts::default()).unwrap();
+        assert!(!text.contains("clientWriteTimeout"), "{text}");
+        assert!(
+            serde_yaml::to_string(&t)
+                .unwrap()
+                .contains("clientWriteTimeout: 5s")
+        );
     }
 
     #[test]

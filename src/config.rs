@@ -149,7 +149,7 @@ pub struct RunArgs {
     #[arg(long, env = "SSEGATE_MAX_TRACKED_CLIENTS", default_value_t = 65_536)]
     pub max_tracked_clients: usize,
     /// End a client connection that accepts no data for this long (slow or stalled
-    /// reader); 0s = never.
+    /// reader); 0s = never. A rule's `timeouts.clientWriteTimeout` overrides it.
     #[arg(long, env = "SSEGATE_CLIENT_WRITE_TIMEOUT", default_value = "60s")]
     pub client_write_timeout: Duration,
     /// How long a client may take to send its request headers (HTTP/1.1; 0s = no limit).

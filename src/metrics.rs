@@ -180,7 +180,8 @@ impl Metrics {
         let client_disconnects_total = counter(
             "ssegate_client_disconnects_total",
             "Streams ended by ssegate because of the client, per route and reason \
-             (write_timeout: the client accepted no data for --client-write-timeout).",
+             (write_timeout: the client accepted no data for the route's clientWriteTimeout \
+             or --client-write-timeout).",
             &["route", "reason"],
         );
         let connections_rejected_total = counter(

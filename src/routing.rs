@@ -63,7 +63,7 @@ impl Default for CompileOptions {
     }
 }
 
-/// Upstream timeouts of a rule; `None` means disabled.
+/// Timeouts of a rule; `None` means disabled (except `client_write`, see there).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RuleTimeouts {
     /// TCP connect, per endpoint attempt.
@@ -74,6 +74,9 @@ pub struct RuleTimeouts {
     pub idle: Option<Duration>,
     /// Longest stream lifetime.
     pub max_duration: Option<Duration>,
+    /// `timeouts.clientWriteTimeout`: `None` = the `--client-write-timeout` flag applies;
+    /// `Some(None)` = no client write timeout for this rule's streams.
+    pub client_write: Option<Option<Duration>>,
 }
 
 /// One compiled rule: everything a request needs, reachable from a single `Arc`.
@@ -373,6 +376,7 @@ pub fn compile(
                         first_byte: rule.timeouts.first_byte.non_zero(),
                         idle: rule.timeouts.idle.non_zero(),
                         max_duration: rule.timeouts.max_duration.non_zero(),
+                        client_write: rule.timeouts.client_write_timeout.map(|d| d.non_zero()),
                     },
                     max_connections: rule.max_connections,
                     active: state.rule_counter(id.clone()),

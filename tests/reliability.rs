@@ -265,6 +265,68 @@ async fn client_write_timeout_disconnects_a_stalled_client_and_is_counted() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_client_write_timeout_overrides_the_flag() {
+    // The flag's default (60 s) applies to route `lenient`; route `feed` sets 300 ms.
+    let mut backend = Backend::start(Reply::Sse).await;
+    let cfg = ConfigDir::new();
+    cfg.write(
+        "route.yaml",
+        &route_yaml(
+            "feed",
+            "/events",
+            "svc",
+            "      timeouts: {clientWriteTimeout: 300ms}\n",
+        ),
+    );
+    cfg.write(
+        "lenient.yaml",
+        &route_yaml("lenient", "/lenient", "svc", ""),
+    );
+    cfg.write("svc.yaml", &service_yaml("svc", &[backend.addr], &[]));
+    let ss = start_ssegate_with(&cfg, ProxyConfig::default()).await;
+    assert_eq!(
+        ProxyConfig::default().client_write_timeout,
+        Some(Duration::from_secs(60))
+    );
+
+    // A stalled client of the lenient route: stalled for the rest of the test (seconds).
+    let _lenient_client = non_reading_client_on(ss.proxy_addr, "/lenient").await;
+    let lenient = backend.next_stream().await;
+    assert!(flood(&lenient, 64 << 20).await < 64 << 20);
+    // A stalled client of `feed` is cut after its route's 300 ms.
+    let _client = non_reading_client(ss.proxy_addr).await;
+    let stalled = backend.next_stream().await;
+    assert!(flood(&stalled, 64 << 20).await < 64 << 20);
+    tokio::time::timeout(PATIENCE, stalled.closed)
+        .await
+        .expect("the feed route's stalled client was not disconnected")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        lenient.is_open(),
+        "the lenient route's client was cut although only the 60 s flag applies to it"
+    );
+    let m = metrics(&ss).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"ssegate_client_disconnects_total{reason="write_timeout",route="apps/feed"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"ssegate_client_disconnects_total{reason="write_timeout",route="apps/lenient"}"#
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "{m}"
+    );
+}
+
 #[tokio::test]
 async fn max_connections_answers_503_with_retry_after() {
     let proxy_cfg = ProxyConfig {

@@ -7,11 +7,15 @@
 //! it is not polled meanwhile. [`WriteTimeout`] sees it: when a write stays pending for the
 //! whole timeout without a single byte accepted, the write fails with `TimedOut`, hyper ends
 //! the connection, the response body is dropped and the upstream connection closed.
+//!
+//! The timeout is the connection's ([`ConnState`]): it starts as `--client-write-timeout` and
+//! each stream on the connection sets its rule's `timeouts.clientWriteTimeout`, if any
+//! ([`ConnState::apply_write_timeout`]). A change applies from the next stall on.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,25 +23,75 @@ use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+/// `write_timeout_ms` value meaning "no timeout".
+const NO_TIMEOUT: u64 = u64::MAX;
+
 /// State of one client connection shared with the streams it carries.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConnState {
     write_timed_out: AtomicBool,
+    // The write timeout in force, in milliseconds; NO_TIMEOUT = none.
+    write_timeout_ms: AtomicU64,
+}
+
+impl Default for ConnState {
+    /// A connection without a write timeout.
+    fn default() -> Self {
+        ConnState::new(None)
+    }
+}
+
+fn to_ms(timeout: Option<Duration>) -> u64 {
+    timeout.map_or(NO_TIMEOUT, |d| {
+        u64::try_from(d.as_millis())
+            .unwrap_or(NO_TIMEOUT - 1)
+            .max(1)
+    })
 }
 
 impl ConnState {
+    /// A connection whose write timeout starts as `timeout` (`None`: none).
+    pub fn new(timeout: Option<Duration>) -> Self {
+        ConnState {
+            write_timed_out: AtomicBool::new(false),
+            write_timeout_ms: AtomicU64::new(to_ms(timeout)),
+        }
+    }
+
     /// True once the connection was ended by the client write timeout.
     pub fn write_timed_out(&self) -> bool {
         self.write_timed_out.load(Ordering::Acquire)
     }
+
+    /// The write timeout in force (`None`: none).
+    pub fn write_timeout(&self) -> Option<Duration> {
+        match self.write_timeout_ms.load(Ordering::Relaxed) {
+            NO_TIMEOUT => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// A stream starting on this connection asks for write timeout `timeout` (`None`: none).
+    /// With `multiplexed` (HTTP/2) the connection keeps the longest timeout any of its
+    /// streams asked for, so one route's short timeout never cuts another route's streams
+    /// sooner than their own allows; otherwise (HTTP/1.1: one stream at a time) the stream's
+    /// timeout replaces the previous one.
+    pub fn apply_write_timeout(&self, timeout: Option<Duration>, multiplexed: bool) {
+        let ms = to_ms(timeout);
+        if multiplexed {
+            self.write_timeout_ms.fetch_max(ms, Ordering::Relaxed);
+        } else {
+            self.write_timeout_ms.store(ms, Ordering::Relaxed);
+        }
+    }
 }
 
 pin_project! {
-    /// An `AsyncRead + AsyncWrite` that fails writes pending for longer than `timeout`.
+    /// An `AsyncRead + AsyncWrite` that fails writes pending for longer than the
+    /// connection's write timeout.
     pub struct WriteTimeout<T> {
         #[pin]
         io: T,
-        timeout: Option<Duration>,
         sleep: Option<Pin<Box<Sleep>>>,
         stalled: bool,
         state: Arc<ConnState>,
@@ -45,11 +99,11 @@ pin_project! {
 }
 
 impl<T> WriteTimeout<T> {
-    /// Wraps `io`; `None` disables the timeout.
-    pub fn new(io: T, timeout: Option<Duration>, state: Arc<ConnState>) -> Self {
+    /// Wraps `io`, the socket of the connection `state` describes (and whose write timeout
+    /// applies).
+    pub fn new(io: T, state: Arc<ConnState>) -> Self {
         WriteTimeout {
             io,
-            timeout,
             sleep: None,
             stalled: false,
             state,
@@ -59,16 +113,15 @@ impl<T> WriteTimeout<T> {
 
 /// Called when the inner write is pending: starts or checks the stall timer.
 fn stalled<R>(
-    timeout: Option<Duration>,
     sleep: &mut Option<Pin<Box<Sleep>>>,
     stalled: &mut bool,
     state: &ConnState,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<R>> {
-    let Some(timeout) = timeout else {
-        return Poll::Pending;
-    };
     if !*stalled {
+        let Some(timeout) = state.write_timeout() else {
+            return Poll::Pending;
+        };
         *stalled = true;
         let at = Instant::now() + timeout;
         match sleep {
@@ -107,7 +160,7 @@ impl<T: AsyncWrite> AsyncWrite for WriteTimeout<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         match this.io.poll_write(cx, buf) {
-            Poll::Pending => stalled(*this.timeout, this.sleep, this.stalled, this.state, cx),
+            Poll::Pending => stalled(this.sleep, this.stalled, this.state, cx),
             done => {
                 *this.stalled = false;
                 done
@@ -122,7 +175,7 @@ impl<T: AsyncWrite> AsyncWrite for WriteTimeout<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         match this.io.poll_write_vectored(cx, bufs) {
-            Poll::Pending => stalled(*this.timeout, this.sleep, this.stalled, this.state, cx),
+            Poll::Pending => stalled(this.sleep, this.stalled, this.state, cx),
             done => {
                 *this.stalled = false;
                 done
@@ -137,7 +190,7 @@ impl<T: AsyncWrite> AsyncWrite for WriteTimeout<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         match this.io.poll_flush(cx) {
-            Poll::Pending => stalled(*this.timeout, this.sleep, this.stalled, this.state, cx),
+            Poll::Pending => stalled(this.sleep, this.stalled, this.state, cx),
             done => done,
         }
     }
@@ -156,8 +209,8 @@ mod tests {
     async fn a_write_pending_for_the_timeout_fails_and_is_flagged() {
         // A pipe whose reader never reads: writes block once its buffer is full.
         let (a, _b) = tokio::io::duplex(64);
-        let state = Arc::new(ConnState::default());
-        let mut w = WriteTimeout::new(a, Some(Duration::from_secs(5)), state.clone());
+        let state = Arc::new(ConnState::new(Some(Duration::from_secs(5))));
+        let mut w = WriteTimeout::new(a, state.clone());
         w.write_all(&[0; 64]).await.unwrap();
         let t0 = Instant::now();
         let err = w.write_all(&[1; 10]).await.unwrap_err();
@@ -170,8 +223,8 @@ mod tests {
     async fn progress_resets_the_stall_timer() {
         use tokio::io::AsyncReadExt;
         let (a, mut b) = tokio::io::duplex(16);
-        let state = Arc::new(ConnState::default());
-        let mut w = WriteTimeout::new(a, Some(Duration::from_secs(5)), state.clone());
+        let state = Arc::new(ConnState::new(Some(Duration::from_secs(5))));
+        let mut w = WriteTimeout::new(a, state.clone());
         // A slow reader taking 16 bytes every 4 s: never 5 s without progress.
         tokio::spawn(async move {
             let mut buf = [0; 16];
@@ -189,9 +242,45 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn no_timeout_waits_forever() {
         let (a, _b) = tokio::io::duplex(8);
-        let mut w = WriteTimeout::new(a, None, Arc::new(ConnState::default()));
+        let mut w = WriteTimeout::new(a, Arc::new(ConnState::new(None)));
         w.write_all(&[0; 8]).await.unwrap();
         let r = tokio::time::timeout(Duration::from_secs(3600), w.write_all(&[0; 8])).await;
         assert!(r.is_err(), "write should still be pending");
+    }
+
+    #[test]
+    fn a_stream_sets_the_connection_timeout_and_h2_keeps_the_longest() {
+        let secs = |s| Some(Duration::from_secs(s));
+        let h1 = ConnState::new(secs(60));
+        h1.apply_write_timeout(secs(2), false);
+        assert_eq!(h1.write_timeout(), secs(2));
+        // The next request on a keep-alive connection brings its own rule's timeout.
+        h1.apply_write_timeout(secs(60), false);
+        assert_eq!(h1.write_timeout(), secs(60));
+        h1.apply_write_timeout(None, false);
+        assert_eq!(h1.write_timeout(), None);
+
+        let h2 = ConnState::new(secs(60));
+        h2.apply_write_timeout(secs(2), true);
+        assert_eq!(h2.write_timeout(), secs(60));
+        h2.apply_write_timeout(secs(90), true);
+        assert_eq!(h2.write_timeout(), secs(90));
+        h2.apply_write_timeout(None, true);
+        assert_eq!(h2.write_timeout(), None);
+        h2.apply_write_timeout(secs(1), true);
+        assert_eq!(h2.write_timeout(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_set_after_the_connection_started_applies_to_the_next_stall() {
+        let (a, _b) = tokio::io::duplex(64);
+        let state = Arc::new(ConnState::new(Some(Duration::from_secs(60))));
+        let mut w = WriteTimeout::new(a, state.clone());
+        state.apply_write_timeout(Some(Duration::from_millis(1500)), false);
+        w.write_all(&[0; 64]).await.unwrap();
+        let t0 = Instant::now();
+        let err = w.write_all(&[1; 10]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(t0.elapsed(), Duration::from_millis(1500));
     }
 }

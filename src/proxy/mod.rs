@@ -88,7 +88,8 @@ pub struct ProxyConfig {
     pub max_headers: usize,
     /// Client connections open at once; more are answered `503` (0 = unlimited).
     pub max_connections: usize,
-    /// End a client connection that accepts no data for this long (`None` = never).
+    /// End a client connection that accepts no data for this long (`None` = never); a rule's
+    /// `timeouts.clientWriteTimeout` overrides it for the connections carrying its streams.
     pub client_write_timeout: Option<Duration>,
     /// Per-client-IP limits.
     pub client_limits: ClientLimits,
@@ -274,8 +275,8 @@ impl Proxy {
                     Err(ClientRefusal::Streams) => unreachable!("only streams are counted"),
                 },
             };
-            let state = Arc::new(ConnState::default());
-            let io = WriteTimeout::new(stream, self.config.client_write_timeout, state.clone());
+            let state = Arc::new(ConnState::new(self.config.client_write_timeout));
+            let io = WriteTimeout::new(stream, state.clone());
             let watcher = graceful.watcher();
             let builder = builder.clone();
             let tls = tls.clone();
@@ -385,6 +386,13 @@ impl Proxy {
                 limit: self.config.client_limits.max_streams,
             })
         })?;
+        // The rule's client write timeout (or the flag's) governs the connection from now on.
+        conn_state.apply_write_timeout(
+            rule.timeouts
+                .client_write
+                .unwrap_or(self.config.client_write_timeout),
+            req.version() == Version::HTTP_2,
+        );
         let guard = guard.with_client(client).with_conn(conn_state);
         if rule.backend.is_empty() {
             return Err(fail(ProxyError::NoEndpoints(rule.backend.name.clone())));

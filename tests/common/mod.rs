@@ -657,8 +657,13 @@ pub fn events(text: &str) -> Vec<Vec<String>> {
 
 /// A client that sends `GET /events` (host `h`) and then never reads.
 pub async fn non_reading_client(proxy: SocketAddr) -> TcpStream {
+    non_reading_client_on(proxy, "/events").await
+}
+
+/// A client that sends `GET path` (host `h`) and then never reads.
+pub async fn non_reading_client_on(proxy: SocketAddr, path: &str) -> TcpStream {
     let mut sock = TcpStream::connect(proxy).await.unwrap();
-    sock.write_all(b"GET /events HTTP/1.1\r\nhost: h\r\n\r\n")
+    sock.write_all(format!("GET {path} HTTP/1.1\r\nhost: h\r\n\r\n").as_bytes())
         .await
         .unwrap();
     sock
