@@ -10,7 +10,8 @@
 //! `(backend, address)` across compiles, like the routing `StateStore` does for rules. So
 //! least-connections still counts a stream opened under the previous table, and when an
 //! endpoint disappears or turns unready the compile that notices it [`Endpoint::retire`]s the
-//! shared state, which ends the streams still open on it (see `proxy::relay::EndpointBody`).
+//! shared state, which ends the streams still open on it, each after a `retry:` hint at an
+//! event boundary (see `proxy::relay::EndpointBody`).
 //!
 //! # Consistent hashing: rendezvous (highest random weight)
 //!

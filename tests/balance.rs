@@ -209,8 +209,8 @@ async fn least_connections_keeps_open_streams_within_one() {
 }
 
 /// Six streams, two per backend; then backend 1 leaves the EndpointSlice (`unready`: it
-/// stays listed but not ready). Only its streams end, cleanly; the others keep flowing and
-/// new streams avoid it.
+/// stays listed but not ready). Only its streams end, cleanly after a `retry:` hint; the
+/// others keep flowing and new streams avoid it.
 async fn endpoint_leaves(unready: bool) {
     let (mut backends, cfg, ss) = setup("      loadBalancing: {policy: LeastConnections}\n").await;
     let mut streams = Vec::new();
@@ -228,8 +228,14 @@ async fn endpoint_leaves(unready: bool) {
     let mut kept = Vec::new();
     for (i, resp, s) in streams {
         if i == 1 {
-            let rest = resp.finish().await;
-            assert_eq!(rest, Ok(String::new()), "a stream of the removed endpoint");
+            // A `retry:` hint (jittered like a drain's, 1-3 s) and then a clean end.
+            let rest = resp.finish().await.expect("a clean end");
+            let ms: u64 = rest
+                .strip_prefix("retry: ")
+                .and_then(|r| r.strip_suffix("\n\n"))
+                .and_then(|ms| ms.parse().ok())
+                .unwrap_or_else(|| panic!("a stream of the removed endpoint got {rest:?}"));
+            assert!((1000..3000).contains(&ms), "{ms}");
             tokio::time::timeout(PATIENCE, s.closed)
                 .await
                 .expect("upstream of the removed endpoint still open")

@@ -6,10 +6,13 @@
 //! - [`RelayBody`] forwards upstream frames unchanged (`Bytes` pass-through, no copy), lets the
 //!   SSE [`Framer`] scan them for event boundaries and counts, and runs the stream's timers:
 //!   keepalive comments (only at an event boundary), upstream idle timeout and maximum
-//!   duration (ended at a boundary). One timer per stream serves all three.
+//!   duration (ended at a boundary). One timer per stream serves all three. It also ends the
+//!   stream, after a `retry:` hint at an event boundary, when a drain reaches it or when the
+//!   inner body reports its endpoint retired ([`Retiring`]).
 //! - [`EndpointBody`] counts the stream on its endpoint (least connections, bounded loads)
-//!   and ends it cleanly when the endpoint disappears or turns unready, so the client
-//!   reconnects to a ready one. It watches one shared flag; no lock on the event path.
+//!   and wakes the stream when the endpoint disappears or turns unready, so that the relay
+//!   ends it and the client reconnects to a ready one. It watches one shared flag; no lock on
+//!   the event path.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -93,9 +96,22 @@ where
     }
 }
 
+/// How long a stream whose endpoint was retired mid-event waits for the event's end before it
+/// is cut without a `retry:` hint (a hint inside an event would corrupt it).
+pub const RETIRED_EVENT_GRACE: Duration = Duration::from_secs(5);
+
+/// A relayed body that can ask the relay to end the stream (its endpoint is gone): the relay
+/// ends it at the next event boundary after a `retry:` hint, so clients reconnect to a ready
+/// endpoint, jittered like after a drain.
+pub trait Retiring {
+    /// True once the stream should end. Checked on every poll: one atomic load at most.
+    fn retiring(&self) -> bool;
+}
+
 pin_project! {
-    /// A body that holds its endpoint's stream count and ends (cleanly, as if the upstream
-    /// had finished) once the endpoint is retired.
+    /// A body that holds its endpoint's stream count and, once the endpoint is retired,
+    /// reports [`Retiring`] and wakes the stream (the relay ends it; the body itself keeps
+    /// passing frames through so that the event in flight can finish).
     pub struct EndpointBody<B> {
         #[pin]
         inner: B,
@@ -129,13 +145,12 @@ impl<B: Body> Body for EndpointBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
-        let endpoint = this.lease.endpoint();
-        if endpoint.is_retired() {
-            return Poll::Ready(None);
-        }
-        if this.waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+        if this.waker.as_ref().is_none_or(|w| !w.will_wake(cx.waker()))
+            && !this.lease.endpoint().is_retired()
+        {
             if this.retired.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
+                // Retired since the relay last looked: have it look again.
+                cx.waker().wake_by_ref();
             }
             *this.waker = Some(cx.waker().clone());
         }
@@ -143,7 +158,13 @@ impl<B: Body> Body for EndpointBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.lease.endpoint().is_retired() || self.inner.is_end_stream()
+        self.inner.is_end_stream()
+    }
+}
+
+impl<B> Retiring for EndpointBody<B> {
+    fn retiring(&self) -> bool {
+        self.lease.endpoint().is_retired()
     }
 }
 
@@ -231,8 +252,12 @@ pin_project! {
         last_upstream: Instant,
         // End at the next event boundary (immediately for non-SSE bodies).
         ending: bool,
-        // Send a `retry:` hint before ending (drain).
+        // Send a `retry:` hint before ending (drain, retirement).
         retry_hint: bool,
+        // The inner body asked to end (endpoint retired) and the relay noticed.
+        retiring: bool,
+        // Until when a retired stream waits for the event in flight to end.
+        retire_by: Option<Instant>,
         done: bool,
         guard: StreamGuard,
     }
@@ -272,6 +297,8 @@ impl<B> RelayBody<B> {
             last_upstream: now,
             ending: false,
             retry_hint: false,
+            retiring: false,
+            retire_by: None,
             done: false,
             guard,
         }
@@ -292,7 +319,7 @@ fn arm(sleep: &mut Option<Pin<Box<Sleep>>>, at: Instant) {
 
 impl<B> Body for RelayBody<B>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Retiring,
     B::Error: Into<BoxError>,
 {
     type Data = Bytes;
@@ -307,6 +334,20 @@ where
             return Poll::Ready(None);
         }
         let metrics = &this.guard.rule.metrics;
+        if !*this.retiring && this.inner.retiring() {
+            *this.retiring = true;
+            if !*this.sse {
+                *this.done = true;
+                return Poll::Ready(None);
+            }
+            *this.ending = true;
+            *this.retry_hint = true;
+            if !this.framer.at_boundary() {
+                let by = Instant::now() + RETIRED_EVENT_GRACE;
+                *this.retire_by = Some(by);
+                arm(this.sleep, by);
+            }
+        }
         if *this.ending && (!*this.sse || this.framer.at_boundary()) {
             *this.done = true;
             if std::mem::take(this.retry_hint) {
@@ -411,6 +452,11 @@ where
                 }
                 // Mid-event: the hint follows the event's last bytes.
             }
+            if this.retire_by.is_some_and(|by| now >= by) {
+                // The event in flight did not end in time: cut it (no hint possible).
+                *this.done = true;
+                return Poll::Ready(None);
+            }
             if let Some(idle) = this.timers.idle
                 && now >= *this.last_upstream + idle
             {
@@ -421,6 +467,7 @@ where
             let mut next = (*this.deadline)
                 .into_iter()
                 .chain(*this.drain_at)
+                .chain(*this.retire_by)
                 .chain(this.timers.idle.map(|d| *this.last_upstream + d))
                 .min();
             if let Some(ka) = this.timers.keepalive {
@@ -481,7 +528,11 @@ mod tests {
         }
     }
 
-    type Upstream = StreamBody<ReceiverStream>;
+    type Upstream = EndpointBody<StreamBody<ReceiverStream>>;
+
+    fn endpoint() -> Arc<crate::balance::Endpoint> {
+        crate::balance::Endpoint::new("10.0.0.1:80".parse().unwrap())
+    }
 
     fn rule_and_metrics() -> (Arc<Rule>, Metrics) {
         let metrics = Metrics::new();
@@ -509,14 +560,28 @@ mod tests {
         timers: RelayTimers,
         drain: &Drain,
     ) -> (Tx, Pin<Box<RelayBody<Upstream>>>, Arc<Rule>) {
+        let (tx, body, rule) = relay_on(&endpoint(), true, timers, drain);
+        (tx, body, rule)
+    }
+
+    /// A relayed stream (SSE or not) on `ep`.
+    fn relay_on(
+        ep: &Arc<crate::balance::Endpoint>,
+        sse: bool,
+        timers: RelayTimers,
+        drain: &Drain,
+    ) -> (Tx, Pin<Box<RelayBody<Upstream>>>, Arc<Rule>) {
         let (rule, _m) = rule_and_metrics();
         let (tx, rx) = mpsc::channel(16);
         let guard = StreamGuard::admit(&rule).unwrap();
         (
             tx,
             Box::pin(RelayBody::new(
-                StreamBody::new(ReceiverStream(rx)),
-                true,
+                EndpointBody::new(
+                    StreamBody::new(ReceiverStream(rx)),
+                    EndpointLease::new(ep.clone()),
+                ),
+                sse,
                 timers,
                 guard,
                 drain.watch(),
@@ -651,53 +716,85 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn endpoint_body_counts_the_stream_and_ends_cleanly_on_retirement() {
-        use crate::balance::Endpoint;
-        let ep = Endpoint::new("10.0.0.1:80".parse().unwrap());
-        let (tx, rx) = mpsc::channel(4);
-        let mut body = Box::pin(EndpointBody::new(
-            StreamBody::new(ReceiverStream(rx)),
-            EndpointLease::new(ep.clone()),
-        ));
+    async fn endpoint_body_counts_the_stream_and_retirement_ends_it_with_a_retry_hint() {
+        let ep = endpoint();
+        let (tx, mut body, _rule) = relay_on(&ep, true, ka(15), &Drain::new());
         assert_eq!(ep.active(), 1);
-        tx.send(Ok(Frame::data(Bytes::from_static(b"data: a\n\n"))))
-            .await
-            .unwrap();
-        assert!(poll_fn(|cx| body.as_mut().poll_frame(cx)).await.is_some());
-        // Idle stream: only the retirement can wake it.
+        send(&tx, "data: a\n\n").await;
+        assert_eq!(next(&mut body).await.unwrap(), "data: a\n\n");
+        // Idle stream (between events): only the retirement can wake it.
         let ep2 = ep.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
+            tokio::time::sleep(Duration::from_secs(20)).await;
             ep2.retire();
         });
         let t0 = Instant::now();
+        assert_eq!(next(&mut body).await.unwrap(), KEEPALIVE);
         // (Bounded, so a lost wake-up fails the test instead of hanging it.)
-        let end = tokio::time::timeout(
-            Duration::from_secs(7200),
-            poll_fn(|cx| body.as_mut().poll_frame(cx)),
-        )
-        .await
-        .expect("the retirement did not wake the idle stream");
-        assert!(end.is_none(), "a clean end, not an error");
-        assert_eq!(t0.elapsed(), Duration::from_secs(3600));
+        let hint = tokio::time::timeout(Duration::from_secs(3600), next(&mut body))
+            .await
+            .expect("the retirement did not wake the idle stream");
+        assert_eq!(t0.elapsed(), Duration::from_secs(20));
+        let hint = hint.unwrap();
+        assert_eq!(
+            hint,
+            retry_frame(body.drain.retry_hint_ms()),
+            "a retry: hint, then the end"
+        );
+        assert_eq!(next(&mut body).await, None, "a clean end, not an error");
         assert!(body.is_end_stream());
         drop(body);
         assert_eq!(ep.active(), 0);
         drop(tx);
     }
 
-    #[tokio::test]
-    async fn endpoint_body_on_an_already_retired_endpoint_ends_at_once() {
-        use crate::balance::Endpoint;
-        let ep = Endpoint::new("10.0.0.1:80".parse().unwrap());
-        let lease = EndpointLease::new(ep.clone());
+    #[tokio::test(start_paused = true)]
+    async fn retirement_mid_event_sends_the_hint_after_the_event() {
+        let ep = endpoint();
+        let (tx, mut body, _rule) = relay_on(&ep, true, ka(1), &Drain::new());
+        send(&tx, "data: first half").await;
+        next(&mut body).await.unwrap();
         ep.retire();
-        let (_tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
-        let mut body = Box::pin(EndpointBody::new(
-            StreamBody::new(ReceiverStream(rx)),
-            lease,
-        ));
-        assert!(poll_fn(|cx| body.as_mut().poll_frame(cx)).await.is_none());
+        let tx2 = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            send(&tx2, " second half\n\n").await;
+            send(&tx2, "data: never sent\n\n").await;
+        });
+        // No keepalive inside the event, and the event is finished before the hint.
+        assert_eq!(next(&mut body).await.unwrap(), " second half\n\n");
+        let hint = next(&mut body).await.unwrap();
+        assert!(
+            hint.starts_with(b"retry: ") && hint.ends_with(b"\n\n"),
+            "{hint:?}"
+        );
+        assert_eq!(next(&mut body).await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retirement_mid_event_cuts_an_event_that_does_not_end() {
+        let ep = endpoint();
+        let (tx, mut body, _rule) = relay_on(&ep, true, RelayTimers::default(), &Drain::new());
+        send(&tx, "data: never finished").await;
+        next(&mut body).await.unwrap();
+        ep.retire();
+        let t0 = Instant::now();
+        // No hint inside the event: after the grace the stream just ends.
+        assert_eq!(next(&mut body).await, None);
+        assert_eq!(t0.elapsed(), RETIRED_EVENT_GRACE);
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_stream_on_an_already_retired_endpoint_ends_at_once() {
+        let ep = endpoint();
+        ep.retire();
+        let (_tx, mut body, _rule) = relay_on(&ep, true, RelayTimers::default(), &Drain::new());
+        assert!(next(&mut body).await.unwrap().starts_with(b"retry: "));
+        assert_eq!(next(&mut body).await, None);
+        // Not an event stream: no boundary, no hint; it ends at once.
+        let (_tx, mut body, _rule) = relay_on(&ep, false, RelayTimers::default(), &Drain::new());
+        assert_eq!(next(&mut body).await, None);
     }
 
     fn retry_frame(ms: u64) -> Bytes {
@@ -793,16 +890,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn non_sse_bodies_are_not_cut_by_a_drain() {
-        let (rule, _m) = rule_and_metrics();
         let drain = Drain::new();
-        let (tx, rx) = mpsc::channel(16);
-        let mut body = Box::pin(RelayBody::new(
-            StreamBody::new(ReceiverStream(rx)),
-            false,
-            RelayTimers::default(),
-            StreamGuard::admit(&rule).unwrap(),
-            drain.watch(),
-        ));
+        let (tx, mut body, _rule) = relay_on(&endpoint(), false, RelayTimers::default(), &drain);
         drain.begin(Duration::ZERO, Duration::from_millis(1));
         let tx2 = tx.clone();
         tokio::spawn(async move {
