@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -111,6 +112,13 @@ impl<T> WriteTimeout<T> {
     }
 }
 
+impl<T> WriteTimeout<T> {
+    /// The wrapped socket.
+    pub fn get_ref(&self) -> &T {
+        &self.io
+    }
+}
+
 /// Called when the inner write is pending: starts or checks the stall timer.
 fn stalled<R>(
     sleep: &mut Option<Pin<Box<Sleep>>>,
@@ -200,6 +208,74 @@ impl<T: AsyncWrite> AsyncWrite for WriteTimeout<T> {
     }
 }
 
+pin_project! {
+    /// An `AsyncRead + AsyncWrite` that first reads back bytes already read from `io` (by the
+    /// HTTP/1.1 front, before it handed the connection to hyper), then reads `io` itself.
+    pub struct Rewind<T> {
+        pre: Bytes,
+        #[pin]
+        io: T,
+    }
+}
+
+impl<T> Rewind<T> {
+    /// Replays `pre`, then reads `io`.
+    pub fn new(pre: Bytes, io: T) -> Self {
+        Rewind { pre, io }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Rewind<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if !this.pre.is_empty() {
+            let n = this.pre.len().min(buf.remaining());
+            buf.put_slice(&this.pre[..n]);
+            this.pre.advance(n);
+            if this.pre.is_empty() {
+                // Release the buffer it came from.
+                *this.pre = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        this.io.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +313,21 @@ mod tests {
         });
         w.write_all(&[0; 160]).await.unwrap();
         assert!(!state.write_timed_out());
+    }
+
+    #[tokio::test]
+    async fn rewind_replays_what_was_read_then_reads_on() {
+        use tokio::io::AsyncReadExt;
+        let (a, mut b) = tokio::io::duplex(64);
+        b.write_all(b" world").await.unwrap();
+        drop(b);
+        let mut r = Rewind::new(Bytes::from_static(b"hello"), a);
+        let mut first = [0u8; 3];
+        r.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"hel");
+        let mut rest = String::new();
+        r.read_to_string(&mut rest).await.unwrap();
+        assert_eq!(rest, "lo world");
     }
 
     #[tokio::test(start_paused = true)]

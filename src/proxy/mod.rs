@@ -8,6 +8,7 @@
 
 pub mod drain;
 pub mod error;
+pub mod front;
 pub mod io;
 pub mod limits;
 pub mod relay;
@@ -23,7 +24,7 @@ use futures_util::future::poll_fn;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use http_body_util::{Either, Full};
+use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -37,7 +38,7 @@ use crate::poll::task::PollBody;
 use crate::routing::{RouteTable, Rule};
 use drain::{Drain, DrainBody};
 use error::ProxyError;
-use io::{ConnState, WriteTimeout};
+use io::{ConnState, Rewind, WriteTimeout};
 use limits::{ClientLimiter, ClientLimits, ClientRefusal, ConnectionLimit};
 use relay::{DriveConn, EndpointBody, RelayBody, RelayTimers, StreamGuard};
 pub use upstream::UpstreamConn;
@@ -49,8 +50,16 @@ pub(crate) const CONNECT_ATTEMPTS: usize = 3;
 /// upstream body, or the event stream of a poll route.
 pub type ProxyBody = Either<
     Full<Bytes>,
-    Either<RelayBody<EndpointBody<DriveConn<UpstreamConn, Incoming>>>, DrainBody<PollBody>>,
+    Either<
+        RelayBody<EndpointBody<DriveConn<UpstreamConn<ClientBody>, Incoming>>>,
+        DrainBody<PollBody>,
+    >,
 >;
+
+/// Request body handed to [`Proxy::forward`]: hyper's streamed body (connections served by
+/// hyper: HTTP/2, TLS, and HTTP/1.1 requests with a body or an upgrade), or none (requests
+/// read by the own HTTP/1.1 front, [`front`]).
+pub type ClientBody = Either<Incoming, Empty<Bytes>>;
 
 /// The shared, atomically swappable routing table.
 pub type SharedTable = Arc<ArcSwap<RouteTable>>;
@@ -300,15 +309,35 @@ impl Proxy {
                 }
             };
             let proxy = self.clone();
-            let service = hyper::service::service_fn(move |req| {
+            let service = {
                 let proxy = proxy.clone();
                 let state = state.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(proxy.handle_conn(req, peer, state).await)
-                }
-            });
+                hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let proxy = proxy.clone();
+                    let state = state.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            proxy.handle_conn(req.map(Either::Left), peer, state).await,
+                        )
+                    }
+                })
+            };
             tokio::spawn(async move {
-                if let Err(e) = serve_io!(builder, tls, watcher, peer, io, service).await {
+                let res = if tls.is_none() {
+                    // Plaintext: the own HTTP/1.1 front, which leaves what it does not serve
+                    // (h2c, request bodies, upgrades) to hyper with the bytes it read.
+                    match front::serve(proxy, io, peer, state).await {
+                        None => Ok(()),
+                        Some(handoff) => {
+                            let io = Rewind::new(handoff.read, handoff.io);
+                            let conn = builder.serve_connection(TokioIo::new(io), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                    }
+                } else {
+                    serve_io!(builder, tls, watcher, peer, io, service).await
+                };
+                if let Err(e) = res {
                     tracing::debug!(%peer, error = %e, "client connection ended with an error");
                 }
                 drop(permit);
@@ -324,14 +353,14 @@ impl Proxy {
 
     /// Answers one request: a relayed upstream response, a redirect or a short JSON error.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-        self.handle_conn(req, peer, Arc::new(ConnState::default()))
+        self.handle_conn(req.map(Either::Left), peer, Arc::new(ConnState::default()))
             .await
     }
 
     /// [`Proxy::handle`] for a request on a client connection whose state is `conn`.
     async fn handle_conn(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         peer: SocketAddr,
         conn: Arc<ConnState>,
     ) -> Response<ProxyBody> {
@@ -353,7 +382,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         peer: SocketAddr,
         conn_state: Arc<ConnState>,
     ) -> Result<Response<ProxyBody>, (ProxyError, Option<Arc<Rule>>)> {

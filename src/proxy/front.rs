@@ -1,0 +1,857 @@
+//! The own HTTP/1.1 front of the plaintext listener.
+//!
+//! hyper's HTTP/1 server keeps a 16 KiB read buffer and an 8 KiB write buffer per connection
+//! for the connection's whole life, and its smallest buffer is 8 KiB: a proxy holding
+//! thousands of idle event streams pays that for nothing. This front reads each request head
+//! into a short-lived buffer, hands the request (it has no body) to [`Proxy::handle_conn`],
+//! the same path hyper's requests take, and writes the response itself: the head from a
+//! short-lived buffer, then each body frame straight from its `Bytes` (chunk-size line, data
+//! and CRLF in one vectored write, no copy). Between events a stream holds no buffer at all:
+//! only the task, the two sockets and the body's small state.
+//!
+//! Whatever is unusual stays with hyper, unchanged: an h2c prior-knowledge preface, a request
+//! with a body (`Content-Length` other than `0`, `Transfer-Encoding`), `Upgrade`, `Expect`,
+//! `CONNECT`. Such a connection is handed back as a [`HandOff`] with the bytes already read,
+//! which hyper is then given first ([`super::io::Rewind`]), as if it had read them itself.
+//!
+//! Kept from hyper: the header read timeout (from the moment a head is awaited, so an idle
+//! keep-alive connection closes after it too), `431` for a head over the size or count limit,
+//! `400` for one that does not parse, a `date` header (formatted once a second), chunked
+//! encoding for a body of unknown length (close-delimited for an HTTP/1.0 client), no body
+//! for `HEAD`, `1xx`, `204` and `304`, keep-alive with pipelining, `Connection: close`, and
+//! no new request on a connection once a drain's window opened. The client write timeout is
+//! [`WriteTimeout`]'s, as for hyper. A client that disconnects while its response is prepared
+//! or streams is noticed at once (its socket turns readable with EOF or an error): the
+//! response body is dropped, which closes the upstream connection.
+
+use std::cell::RefCell;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::future::poll_fn;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::{Either, Empty};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::io::{ConnState, WriteTimeout};
+use super::{Proxy, ProxyBody};
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4): h2c with prior knowledge.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// First capacity of a head buffer; it grows (doubling) up to the head size limit.
+const HEAD_BUF_START: usize = 1024;
+
+/// A connection the front leaves to hyper: the socket and the bytes already read from it.
+pub struct HandOff {
+    /// The client socket.
+    pub io: WriteTimeout<TcpStream>,
+    /// Bytes read from it that hyper must see first.
+    pub read: Bytes,
+}
+
+/// What the start of a read buffer holds.
+#[derive(Debug)]
+enum Parsed {
+    /// Not a complete head yet.
+    Partial,
+    /// A request this front serves, whose head is `len` bytes long.
+    Request {
+        req: Request<()>,
+        len: usize,
+        keep_alive: bool,
+    },
+    /// A connection for hyper.
+    HandOff,
+    /// Answer this status and close (hyper's answers to heads it cannot parse).
+    Refuse(StatusCode),
+}
+
+/// True if the comma-separated header `value` lists `token` (case-insensitive).
+fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Parses the request head at the start of `buf`, at most `max_headers` headers.
+fn parse(buf: &[u8], max_headers: usize) -> Parsed {
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return if n == H2_PREFACE.len() {
+            Parsed::HandOff
+        } else {
+            Parsed::Partial
+        };
+    }
+    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
+    let mut head = httparse::Request::new(&mut headers);
+    let len = match head.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        }
+        Err(_) => return Parsed::Refuse(StatusCode::BAD_REQUEST),
+    };
+    let bad = Parsed::Refuse(StatusCode::BAD_REQUEST);
+    let (Some(method), Some(path), Some(minor)) = (head.method, head.path, head.version) else {
+        return bad;
+    };
+    let version = if minor == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return bad;
+    };
+    if method == Method::CONNECT {
+        return Parsed::HandOff;
+    }
+    let Ok(uri) = Uri::try_from(path) else {
+        return bad;
+    };
+    let mut map = HeaderMap::with_capacity(head.headers.len());
+    let (mut close, mut keep) = (false, false);
+    let mut content_length = false;
+    for h in head.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return bad;
+        };
+        if name == header::TRANSFER_ENCODING || name == header::UPGRADE || name == header::EXPECT {
+            // A body, an upgrade or an interim answer: hyper's business.
+            return Parsed::HandOff;
+        } else if name == header::CONTENT_LENGTH {
+            if content_length || value != "0" {
+                return Parsed::HandOff;
+            }
+            content_length = true;
+        } else if name == header::CONNECTION {
+            close |= has_token(value.as_bytes(), "close");
+            keep |= has_token(value.as_bytes(), "keep-alive");
+        }
+        map.append(name, value);
+    }
+    let mut req = Request::new(());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = map;
+    Parsed::Request {
+        req,
+        len,
+        keep_alive: !close && (version == Version::HTTP_11 || keep),
+    }
+}
+
+/// The outcome of waiting for a request head.
+enum Head {
+    Request {
+        req: Request<()>,
+        keep_alive: bool,
+    },
+    HandOff,
+    Refuse(StatusCode),
+    /// Closed, failed, timed out, or drained while idle: end the connection silently.
+    Closed,
+}
+
+/// One client connection as the front sees it.
+struct Conn {
+    proxy: Arc<Proxy>,
+    io: WriteTimeout<TcpStream>,
+    peer: SocketAddr,
+    state: Arc<ConnState>,
+    /// Bytes read but not yet parsed: a partial head, or pipelined requests. `None` (no
+    /// allocation) whenever nothing is pending, which is the usual case.
+    buf: Option<BytesMut>,
+    /// Largest request head; also bounds the pipelined bytes kept.
+    limit: usize,
+}
+
+/// Serves HTTP/1.1 requests on a plaintext client connection until it closes; returns the
+/// connection instead if hyper is to serve it (see the module docs).
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    io: WriteTimeout<TcpStream>,
+    peer: SocketAddr,
+    state: Arc<ConnState>,
+) -> Option<HandOff> {
+    let limit = proxy.config.max_header_bytes.max(8192);
+    let mut conn = Conn {
+        proxy,
+        io,
+        peer,
+        state,
+        buf: None,
+        limit,
+    };
+    loop {
+        let (req, keep_alive) = match conn.read_head().await {
+            Head::Request { req, keep_alive } => (req, keep_alive),
+            Head::HandOff => {
+                let read = conn.buf.take().map(BytesMut::freeze).unwrap_or_default();
+                return Some(HandOff { io: conn.io, read });
+            }
+            Head::Refuse(status) => {
+                conn.refuse(status).await;
+                return None;
+            }
+            Head::Closed => return None,
+        };
+        match conn.exchange(req, keep_alive).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = conn.io.shutdown().await;
+                return None;
+            }
+            Err(e) => {
+                tracing::debug!(peer = %conn.peer, error = %e, "client connection ended with an error");
+                return None;
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Waits for the next request head, within the header read timeout.
+    async fn read_head(&mut self) -> Head {
+        let config = &self.proxy.config;
+        let deadline = Some(config.header_read_timeout)
+            .filter(|t| !t.is_zero())
+            .map(|t| Instant::now() + t);
+        loop {
+            if let Some(buf) = self.buf.as_ref().filter(|b| !b.is_empty()) {
+                match parse(buf, config.max_headers) {
+                    Parsed::Partial if buf.len() >= self.limit => {
+                        return Head::Refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+                    }
+                    Parsed::Partial => {}
+                    Parsed::Request { len, .. } if len > self.limit => {
+                        return Head::Refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+                    }
+                    Parsed::Request {
+                        req,
+                        len,
+                        keep_alive,
+                    } => {
+                        // Pipelined bytes move to a buffer of their own size; the head's
+                        // buffer is freed.
+                        self.buf = (buf.len() > len).then(|| BytesMut::from(&buf[len..]));
+                        return Head::Request { req, keep_alive };
+                    }
+                    Parsed::HandOff => return Head::HandOff,
+                    Parsed::Refuse(status) => return Head::Refuse(status),
+                }
+            }
+            let idle = self.buf.as_ref().is_none_or(|b| b.is_empty());
+            let drain = &self.proxy.drain;
+            if idle && drain_window_open(drain) {
+                return Head::Closed;
+            }
+            let readable = self.io.get_ref().readable();
+            let timeout = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let drained = async {
+                if idle {
+                    drain.window_opened().await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            tokio::select! {
+                r = readable => if r.is_err() {
+                    return Head::Closed;
+                },
+                () = timeout => {
+                    tracing::debug!(peer = %self.peer, "request head not received within the header read timeout");
+                    return Head::Closed;
+                }
+                () = drained => return Head::Closed,
+            }
+            let buf = self
+                .buf
+                .get_or_insert_with(|| BytesMut::with_capacity(HEAD_BUF_START));
+            if buf.len() == buf.capacity() {
+                // Doubling; the size check above stops it past the limit.
+                buf.reserve(buf.len().max(HEAD_BUF_START));
+            }
+            match self.io.get_ref().try_read_buf(buf) {
+                Ok(0) => return Head::Closed,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Head::Closed,
+            }
+        }
+    }
+
+    /// Answers a head that cannot be served with `status`, then closes.
+    async fn refuse(&mut self, status: StatusCode) {
+        tracing::debug!(peer = %self.peer, status = status.as_u16(), "request head refused");
+        let mut head = Vec::with_capacity(128);
+        status_line(&mut head, status);
+        head.extend_from_slice(b"content-length: 0\r\nconnection: close\r\n");
+        date_header(&mut head);
+        head.extend_from_slice(b"\r\n");
+        if self.io.write_all(&head).await.is_ok() {
+            let _ = self.io.shutdown().await;
+        }
+    }
+
+    /// Serves one request: forwards it (watching for the client to leave meanwhile) and
+    /// writes the response. `Ok(true)`: the connection stays open for the next request.
+    async fn exchange(&mut self, req: Request<()>, keep_alive: bool) -> io::Result<bool> {
+        let head_only = req.method() == Method::HEAD;
+        let version = req.version();
+        let req = req.map(|()| Either::Right(Empty::new()));
+        // Boxed: the forward future (connect, handshake, first byte) is large and lives only
+        // until the response head; the connection's task keeps only what streams.
+        let mut forward = Box::pin(self.proxy.handle_conn(req, self.peer, self.state.clone()));
+        let resp = poll_fn(|cx| {
+            if poll_client(cx, self.io.get_ref(), &mut self.buf, self.limit).is_ready() {
+                return Poll::Ready(None);
+            }
+            forward.as_mut().poll(cx).map(Some)
+        })
+        .await;
+        drop(forward);
+        let Some(resp) = resp else {
+            tracing::debug!(peer = %self.peer, "client left before the response");
+            return Ok(false);
+        };
+        let keep_alive = keep_alive && !drain_window_open(&self.proxy.drain);
+        self.respond(resp, head_only, version, keep_alive).await
+    }
+
+    /// Writes `resp`: its head, then its body as the body yields it. `Ok(true)` when the
+    /// response is complete and the connection may carry another request.
+    async fn respond(
+        &mut self,
+        resp: Response<ProxyBody>,
+        head_only: bool,
+        version: Version,
+        mut keep_alive: bool,
+    ) -> io::Result<bool> {
+        let (parts, body) = resp.into_parts();
+        let status = parts.status;
+        let mut headers = parts.headers;
+        if headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), "close"))
+        {
+            keep_alive = false;
+        }
+        headers.remove(header::CONNECTION);
+        headers.remove(header::TRANSFER_ENCODING);
+        let bodyless_status = status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let declared = headers.get(header::CONTENT_LENGTH).map(|v| {
+            std::str::from_utf8(v.as_bytes())
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+        });
+        let mut framing = match declared {
+            Some(Some(n)) if !bodyless_status => Framing::Length(n),
+            Some(_) => {
+                headers.remove(header::CONTENT_LENGTH);
+                Framing::Chunked
+            }
+            None => match body.size_hint().exact() {
+                Some(n) if !bodyless_status => {
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                    Framing::Length(n)
+                }
+                _ => Framing::Chunked,
+            },
+        };
+        if framing == Framing::Chunked && !bodyless_status && !head_only {
+            if version == Version::HTTP_11 {
+                headers.insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+            } else {
+                // HTTP/1.0 knows no chunks: the end of the body is the end of the connection.
+                framing = Framing::Close;
+                keep_alive = false;
+            }
+        }
+        if head_only || bodyless_status {
+            framing = Framing::None;
+        }
+
+        let mut head = Vec::with_capacity(64 + headers.len() * 40);
+        status_line(&mut head, status);
+        for (name, value) in &headers {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        if !keep_alive {
+            head.extend_from_slice(b"connection: close\r\n");
+        } else if version == Version::HTTP_10 {
+            head.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+        if !headers.contains_key(header::DATE) {
+            date_header(&mut head);
+        }
+        head.extend_from_slice(b"\r\n");
+        drop(headers);
+
+        let mut out = Out::new(head);
+        if framing == Framing::None {
+            // Nothing of the body is sent: drop it now (closing its upstream).
+            drop(body);
+            poll_fn(|cx| self.poll_write_out(cx, &mut out)).await?;
+            return Ok(keep_alive);
+        }
+        let mut body = std::pin::pin!(body);
+        let mut ended = false;
+        let complete = poll_fn(|cx| {
+            loop {
+                if poll_client(cx, self.io.get_ref(), &mut self.buf, self.limit).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "client closed the connection mid-response",
+                    )));
+                }
+                // The body is polled only once everything before it is written (the head may
+                // still be pending: it goes out with the first frame).
+                if !ended && out.body_written() {
+                    match body.as_mut().poll_frame(cx) {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            if let Ok(data) = frame.into_data() {
+                                framing.frame(&mut out, data)?;
+                            }
+                        }
+                        Poll::Ready(Some(Err(e))) => {
+                            // The client must see that the response is truncated.
+                            return Poll::Ready(Err(io::Error::other(e)));
+                        }
+                        Poll::Ready(None) => {
+                            ended = true;
+                            framing.end(&mut out)?;
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                if out.is_empty() {
+                    return if ended {
+                        Poll::Ready(Ok(()))
+                    } else {
+                        Poll::Pending
+                    };
+                }
+                std::task::ready!(self.poll_write_out(cx, &mut out))?;
+            }
+        })
+        .await;
+        complete?;
+        Ok(keep_alive && framing != Framing::Close)
+    }
+
+    /// Writes `out` until it is empty.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>, out: &mut Out) -> Poll<io::Result<()>> {
+        while !out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); 4];
+            let n = out.slices(&mut slices);
+            let written =
+                std::task::ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            out.advance(written);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// True once a drain's window opened: no new requests, no keep-alive.
+fn drain_window_open(drain: &super::drain::Drain) -> bool {
+    drain.plan().is_some_and(|p| Instant::now() >= p.start)
+}
+
+/// Watches the client socket while a response is prepared or streams. `Ready` when the
+/// client is gone (EOF or error). Bytes it sends meanwhile (pipelined requests) are kept in
+/// `buf`, up to `limit`; beyond that the socket is left unread until the response is done.
+fn poll_client(
+    cx: &mut Context<'_>,
+    io: &TcpStream,
+    buf: &mut Option<BytesMut>,
+    limit: usize,
+) -> Poll<()> {
+    loop {
+        if buf.as_ref().is_some_and(|b| b.len() >= limit) {
+            return Poll::Pending;
+        }
+        match io.poll_read_ready(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(_)) => return Poll::Ready(()),
+            Poll::Ready(Ok(())) => {}
+        }
+        let mut chunk = [0u8; 512];
+        let room = limit - buf.as_ref().map_or(0, BytesMut::len);
+        let want = room.min(chunk.len());
+        match io.try_read(&mut chunk[..want]) {
+            Ok(0) => return Poll::Ready(()),
+            Ok(n) => buf
+                .get_or_insert_with(BytesMut::new)
+                .extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Poll::Ready(()),
+        }
+    }
+}
+
+/// How the response body is delimited on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// `Content-Length`: this many bytes still to come.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the connection closes (HTTP/1.0 client, unknown length).
+    Close,
+    /// No body (`HEAD`, `1xx`, `204`, `304`).
+    None,
+}
+
+impl Framing {
+    /// Queues one data frame.
+    fn frame(&mut self, out: &mut Out, data: Bytes) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Framing::Length(left) => {
+                let len = data.len() as u64;
+                if len > *left {
+                    return Err(io::Error::other(
+                        "response body longer than its content-length",
+                    ));
+                }
+                *left -= len;
+                out.data = data;
+            }
+            Framing::Chunked => {
+                out.set_chunk_size(data.len());
+                out.data = data;
+                out.tail = b"\r\n";
+            }
+            Framing::Close => out.data = data,
+            Framing::None => {}
+        }
+        Ok(())
+    }
+
+    /// Queues the end of the body.
+    fn end(&self, out: &mut Out) -> io::Result<()> {
+        match self {
+            Framing::Length(0) | Framing::Close | Framing::None => Ok(()),
+            Framing::Length(_) => Err(io::Error::other(
+                "response body shorter than its content-length",
+            )),
+            Framing::Chunked => {
+                out.tail = b"0\r\n\r\n";
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What is still to be written of a response: its head (until sent), then at most one body
+/// frame with its chunk framing. The frame's `Bytes` are written as they are.
+struct Out {
+    head: Vec<u8>,
+    head_at: usize,
+    size: [u8; 18],
+    size_at: u8,
+    size_len: u8,
+    data: Bytes,
+    tail: &'static [u8],
+}
+
+impl Out {
+    fn new(head: Vec<u8>) -> Self {
+        Out {
+            head,
+            head_at: 0,
+            size: [0; 18],
+            size_at: 0,
+            size_len: 0,
+            data: Bytes::new(),
+            tail: b"",
+        }
+    }
+
+    /// The chunk-size line of a chunk of `len` bytes.
+    fn set_chunk_size(&mut self, len: usize) {
+        let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+        for i in 0..digits {
+            let nibble = (len >> (4 * (digits - 1 - i))) & 0xf;
+            self.size[i] = b"0123456789abcdef"[nibble];
+        }
+        self.size[digits] = b'\r';
+        self.size[digits + 1] = b'\n';
+        self.size_at = 0;
+        self.size_len = (digits + 2) as u8;
+    }
+
+    /// True when the last body frame is written (the head may be pending).
+    fn body_written(&self) -> bool {
+        self.size_at == self.size_len && self.data.is_empty() && self.tail.is_empty()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.head_at == self.head.len() && self.body_written()
+    }
+
+    /// Fills `slices` with what is left; returns how many are used.
+    fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>; 4]) -> usize {
+        let parts: [&[u8]; 4] = [
+            &self.head[self.head_at..],
+            &self.size[usize::from(self.size_at)..usize::from(self.size_len)],
+            &self.data,
+            self.tail,
+        ];
+        let mut n = 0;
+        for p in parts {
+            if !p.is_empty() {
+                slices[n] = IoSlice::new(p);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Marks `n` bytes as written.
+    fn advance(&mut self, mut n: usize) {
+        let head = (self.head.len() - self.head_at).min(n);
+        self.head_at += head;
+        n -= head;
+        if self.head_at == self.head.len() && !self.head.is_empty() {
+            // Sent: give the memory back.
+            self.head = Vec::new();
+            self.head_at = 0;
+        }
+        let size = usize::from(self.size_len - self.size_at).min(n);
+        self.size_at += size as u8;
+        n -= size;
+        let data = self.data.len().min(n);
+        self.data.advance(data);
+        n -= data;
+        let tail = self.tail.len().min(n);
+        self.tail = &self.tail[tail..];
+    }
+}
+
+/// Appends `HTTP/1.1 <code> <reason>\r\n`.
+fn status_line(dst: &mut Vec<u8>, status: StatusCode) {
+    dst.extend_from_slice(b"HTTP/1.1 ");
+    dst.extend_from_slice(status.as_str().as_bytes());
+    dst.push(b' ');
+    dst.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    dst.extend_from_slice(b"\r\n");
+}
+
+thread_local! {
+    /// The `date` value of the current second, formatted once per second and thread.
+    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+}
+
+/// Appends `date: <IMF-fixdate>\r\n` for now.
+fn date_header(dst: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    DATE.with_borrow_mut(|(cached, value)| {
+        if *cached != secs {
+            let s = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(secs));
+            if s.len() == value.len() {
+                value.copy_from_slice(s.as_bytes());
+                *cached = secs;
+            }
+        }
+        dst.extend_from_slice(b"date: ");
+        dst.extend_from_slice(value);
+        dst.extend_from_slice(b"\r\n");
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(p: Parsed) -> (Request<()>, usize, bool) {
+        match p {
+            Parsed::Request {
+                req,
+                len,
+                keep_alive,
+            } => (req, len, keep_alive),
+            other => panic!("not a request: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_plain_get_is_served_here() {
+        let raw =
+            b"GET /events?x=1 HTTP/1.1\r\nHost: a.example\r\nLast-Event-ID: 7\r\n\r\nGET /next";
+        let (req, len, keep_alive) = request(parse(raw, 100));
+        assert_eq!(len, raw.len() - "GET /next".len());
+        assert!(keep_alive);
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.uri(), "/events?x=1");
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert_eq!(req.headers()["host"], "a.example");
+        assert_eq!(req.headers()["last-event-id"], "7");
+        let (_, _, ka) = request(parse(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 100));
+        assert!(ka);
+    }
+
+    #[test]
+    fn keep_alive_follows_version_and_connection_tokens() {
+        let ka = |raw: &str| request(parse(raw.as_bytes(), 100)).2;
+        assert!(ka("GET / HTTP/1.1\r\n\r\n"));
+        assert!(!ka("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n"));
+        assert!(!ka("GET / HTTP/1.0\r\n\r\n"));
+        assert!(ka("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
+        assert!(!ka(
+            "GET / HTTP/1.0\r\nConnection: keep-alive\r\nConnection: x, close\r\n\r\n"
+        ));
+    }
+
+    #[test]
+    fn bodies_upgrades_expectations_and_h2c_go_to_hyper() {
+        let hand_off = |raw: &[u8]| matches!(parse(raw, 100), Parsed::HandOff);
+        assert!(hand_off(
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+        ));
+        assert!(hand_off(
+            b"GET / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(hand_off(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(hand_off(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"));
+        assert!(hand_off(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n"));
+        assert!(hand_off(b"CONNECT a.example:443 HTTP/1.1\r\n\r\n"));
+        assert!(hand_off(H2_PREFACE));
+        // Any prefix of the preface waits for more; anything else is HTTP/1.
+        for n in 1..H2_PREFACE.len() {
+            assert!(
+                matches!(parse(&H2_PREFACE[..n], 100), Parsed::Partial),
+                "{n}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_heads_are_refused_like_hyper_does() {
+        let refused = |raw: &[u8], max| match parse(raw, max) {
+            Parsed::Refuse(s) => s.as_u16(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(refused(b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\n\r\n", 1), 431);
+        assert_eq!(refused(b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 100), 400);
+        assert_eq!(refused(b"GET / HTTP/3.0\r\n\r\n", 100), 400);
+        assert!(matches!(
+            parse(b"GET / HTTP/1.1\r\nhost: a", 100),
+            Parsed::Partial
+        ));
+    }
+
+    /// Writes everything of `out` into a vector, `step` bytes per write at most.
+    fn drain_out(out: &mut Out, step: usize) -> Vec<u8> {
+        let mut wire = Vec::new();
+        while !out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); 4];
+            let n = out.slices(&mut slices);
+            let mut written = 0;
+            for s in &slices[..n] {
+                let take = (step - written).min(s.len());
+                wire.extend_from_slice(&s[..take]);
+                written += take;
+                if written == step {
+                    break;
+                }
+            }
+            out.advance(written);
+        }
+        wire
+    }
+
+    #[test]
+    fn chunks_survive_every_partial_write() {
+        for step in 1..40 {
+            let mut out = Out::new(b"HTTP/1.1 200 OK\r\n\r\n".to_vec());
+            let mut framing = Framing::Chunked;
+            let mut wire = drain_out(&mut out, step);
+            for data in ["data: a\n\n", "", &"x".repeat(300)] {
+                framing
+                    .frame(&mut out, Bytes::from(data.to_string()))
+                    .unwrap();
+                wire.extend(drain_out(&mut out, step));
+            }
+            framing.end(&mut out).unwrap();
+            wire.extend(drain_out(&mut out, step));
+            let expect = format!(
+                "HTTP/1.1 200 OK\r\n\r\n9\r\ndata: a\n\n\r\n12c\r\n{}\r\n0\r\n\r\n",
+                "x".repeat(300)
+            );
+            assert_eq!(String::from_utf8(wire).unwrap(), expect, "step {step}");
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_are_lower_hex() {
+        let mut out = Out::new(Vec::new());
+        for (len, hex) in [(1, "1"), (15, "f"), (16, "10"), (255, "ff"), (4096, "1000")] {
+            out.set_chunk_size(len);
+            let line = &out.size[..usize::from(out.size_len)];
+            assert_eq!(line, format!("{hex}\r\n").as_bytes());
+        }
+    }
+
+    #[test]
+    fn lengths_are_enforced() {
+        let mut out = Out::new(Vec::new());
+        let mut f = Framing::Length(4);
+        f.frame(&mut out, Bytes::from_static(b"abc")).unwrap();
+        assert!(f.end(&mut out).is_err());
+        assert!(f.frame(&mut out, Bytes::from_static(b"de")).is_err());
+        f.frame(&mut out, Bytes::from_static(b"d")).unwrap();
+        assert!(f.end(&mut out).is_ok());
+    }
+
+    #[test]
+    fn date_is_an_imf_fixdate() {
+        let mut v = Vec::new();
+        date_header(&mut v);
+        let s = String::from_utf8(v).unwrap();
+        assert!(s.starts_with("date: ") && s.ends_with(" GMT\r\n"), "{s:?}");
+        assert_eq!(s.len(), "date: Sun, 06 Nov 1994 08:49:37 GMT\r\n".len());
+    }
+}
