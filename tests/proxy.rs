@@ -310,3 +310,266 @@ async fn metrics_count_connections_events_and_bytes() {
         Some(1.0)
     );
 }
+
+// The own HTTP/1.1 front of the plaintext listener, on the wire.
+
+/// One HTTP/1.1 response as read off a raw socket.
+#[derive(Debug)]
+struct RawResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    /// The body as sent on the wire (chunk framing included).
+    wire_body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A client speaking HTTP/1.1 by hand over one socket, to see exactly what the front writes.
+struct RawClient {
+    sock: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    async fn connect(addr: std::net::SocketAddr) -> RawClient {
+        RawClient {
+            sock: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn write(&mut self, bytes: &str) {
+        use tokio::io::AsyncWriteExt;
+        self.sock.write_all(bytes.as_bytes()).await.unwrap();
+    }
+
+    /// Reads more bytes; false at EOF.
+    async fn fill(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(PATIENCE, self.sock.read(&mut chunk))
+            .await
+            .expect("nothing read in time")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    /// True if the server closes the connection (EOF) with nothing more sent.
+    async fn closed(&mut self) -> bool {
+        !self.fill().await && self.buf.is_empty()
+    }
+
+    /// Reads one response; `head_only` for the answer to a HEAD request.
+    async fn response(&mut self, head_only: bool) -> RawResponse {
+        let (status, headers, len) = loop {
+            let mut h = [httparse::EMPTY_HEADER; 64];
+            let mut r = httparse::Response::new(&mut h);
+            if let httparse::Status::Complete(len) = r.parse(&self.buf).unwrap() {
+                let headers = r
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                break (r.code.unwrap(), headers, len);
+            }
+            assert!(self.fill().await, "connection closed mid-head");
+        };
+        self.buf.drain(..len);
+        let mut resp = RawResponse {
+            status,
+            headers,
+            wire_body: Vec::new(),
+        };
+        if head_only || status == 204 || status == 304 {
+            return resp;
+        }
+        if let Some(n) = resp.header("content-length") {
+            let n: usize = n.parse().unwrap();
+            while self.buf.len() < n {
+                assert!(self.fill().await, "connection closed mid-body");
+            }
+            resp.wire_body = self.buf.drain(..n).collect();
+        } else if resp.header("transfer-encoding") == Some("chunked") {
+            while !self.buf.windows(5).any(|w| w == b"0\r\n\r\n") {
+                assert!(self.fill().await, "connection closed mid-body");
+            }
+            let end = self.buf.windows(5).position(|w| w == b"0\r\n\r\n").unwrap() + 5;
+            resp.wire_body = self.buf.drain(..end).collect();
+        } else {
+            while self.fill().await {}
+            resp.wire_body = std::mem::take(&mut self.buf);
+        }
+        resp
+    }
+}
+
+/// A fixed-answer backend (`200`, `hello`) behind route `/events`.
+async fn fixed_setup() -> (Backend, ConfigDir, ssegate::server::Running) {
+    let backend = Backend::start(Reply::Fixed {
+        status: 200,
+        content_type: "text/plain",
+        body: "hello",
+    })
+    .await;
+    let cfg = ConfigDir::new();
+    cfg.write("route.yaml", &route_yaml("feed", "/events", "svc", ""));
+    cfg.write("svc.yaml", &service_yaml("svc", &[backend.addr], &[]));
+    let running = start_ssegate(&cfg).await;
+    (backend, cfg, running)
+}
+
+#[tokio::test]
+async fn front_keeps_the_connection_alive_for_a_second_request() {
+    let (mut backend, _cfg, ss) = fixed_setup().await;
+    let mut c = RawClient::connect(ss.proxy_addr).await;
+    c.write("GET /events/a HTTP/1.1\r\nhost: h\r\n\r\n").await;
+    let first = c.response(false).await;
+    assert_eq!((first.status, first.wire_body.as_slice()), (200, &b"hello"[..]));
+    assert_eq!(first.header("content-length"), Some("5"));
+    assert!(first.header("date").is_some_and(|d| d.ends_with(" GMT")));
+    assert_eq!(first.header("connection"), None);
+    c.write("GET /events/b HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n")
+        .await;
+    let second = c.response(false).await;
+    assert_eq!(second.wire_body, b"hello");
+    assert_eq!(second.header("connection"), Some("close"));
+    assert!(c.closed().await, "connection: close was not honoured");
+    assert_eq!(backend.next_stream().await.parts.uri.path(), "/events/a");
+    assert_eq!(backend.next_stream().await.parts.uri.path(), "/events/b");
+}
+
+#[tokio::test]
+async fn front_answers_pipelined_requests_in_order() {
+    let (mut backend, _cfg, ss) = fixed_setup().await;
+    let mut c = RawClient::connect(ss.proxy_addr).await;
+    // Three requests in one write; the last one closes.
+    c.write(
+        "GET /events/1 HTTP/1.1\r\nhost: h\r\n\r\n\
+         GET /nowhere HTTP/1.1\r\nhost: h\r\n\r\n\
+         GET /events/3 HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let statuses = [
+        c.response(false).await.status,
+        c.response(false).await.status,
+        c.response(false).await.status,
+    ];
+    assert_eq!(statuses, [200, 404, 200]);
+    assert!(c.closed().await);
+    assert_eq!(backend.next_stream().await.parts.uri.path(), "/events/1");
+    assert_eq!(backend.next_stream().await.parts.uri.path(), "/events/3");
+}
+
+#[tokio::test]
+async fn front_streams_chunks_and_answers_head_without_a_body() {
+    let (mut backend, _cfg, ss) = setup("").await;
+    let mut c = RawClient::connect(ss.proxy_addr).await;
+    c.write("HEAD /events HTTP/1.1\r\nhost: h\r\n\r\n").await;
+    let head = c.response(true).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-type"), Some("text/event-stream"));
+    let upstream = backend.next_stream().await;
+    assert_eq!(upstream.parts.method, "HEAD");
+    // The same connection carries the next request: nothing of a body was sent after the
+    // HEAD answer (it would be read as the start of this response).
+    c.write("GET /events HTTP/1.1\r\nhost: h\r\n\r\n").await;
+    let stream = backend.next_stream().await;
+    stream.send("data: one\n\n").await;
+    stream.send("data: two\n\n").await;
+    drop(stream);
+    let resp = c.response(false).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(
+        String::from_utf8(resp.wire_body).unwrap(),
+        "b\r\ndata: one\n\n\r\nb\r\ndata: two\n\n\r\n0\r\n\r\n"
+    );
+}
+
+#[tokio::test]
+async fn front_serves_http_1_0_clients_close_delimited() {
+    let (mut backend, _cfg, ss) = setup("").await;
+    let mut c = RawClient::connect(ss.proxy_addr).await;
+    c.write("GET /events HTTP/1.0\r\nhost: h\r\n\r\n").await;
+    let stream = backend.next_stream().await;
+    stream.send("data: old\n\n").await;
+    drop(stream);
+    let resp = c.response(false).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("transfer-encoding"), None);
+    assert_eq!(resp.header("connection"), Some("close"));
+    assert_eq!(resp.wire_body, b"data: old\n\n");
+}
+
+#[tokio::test]
+async fn front_hands_a_request_with_a_body_to_hyper_mid_connection() {
+    let (mut backend, _cfg, ss) = fixed_setup().await;
+    let mut c = RawClient::connect(ss.proxy_addr).await;
+    c.write("GET /events HTTP/1.1\r\nhost: h\r\n\r\n").await;
+    assert_eq!(c.response(false).await.status, 200);
+    backend.next_stream().await;
+    // The head arrives in two writes, the body with the second: all of it must reach hyper.
+    c.write("POST /events/sub HTTP/1.1\r\nhost: h\r\n").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    c.write("content-length: 7\r\n\r\n{\"q\":1}").await;
+    let resp = c.response(false).await;
+    assert_eq!((resp.status, resp.wire_body.as_slice()), (200, &b"hello"[..]));
+    let s = backend.next_stream().await;
+    assert_eq!(s.parts.method, "POST");
+    assert_eq!(&s.body[..], b"{\"q\":1}");
+    // hyper keeps the connection alive as before.
+    c.write("GET /events HTTP/1.1\r\nhost: h\r\n\r\n").await;
+    assert_eq!(c.response(false).await.status, 200);
+}
+
+#[tokio::test]
+async fn front_hands_h2c_prior_knowledge_to_hyper() {
+    let (mut backend, _cfg, ss) = setup("").await;
+    let sock = tokio::net::TcpStream::connect(ss.proxy_addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(sock),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("http://h/events")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let mut resp = ClientResponse::new(resp);
+    let stream = backend.next_stream().await;
+    stream.send("data: h2c\n\n").await;
+    assert_eq!(resp.chunk().await.unwrap(), "data: h2c\n\n");
+}
+
+#[tokio::test]
+async fn front_closes_the_upstream_when_a_raw_client_disconnects_mid_stream() {
+    let (mut backend, _cfg, ss) = setup("").await;
+    let mut c = RawClient::connect(ss.proxy_addr).await;
+    c.write("GET /events HTTP/1.1\r\nhost: h\r\n\r\n").await;
+    let stream = backend.next_stream().await;
+    stream.send("data: x\n\n").await;
+    let resp = c.response(true).await;
+    assert_eq!(resp.status, 200);
+    drop(c);
+    // Nothing more is sent upstream: only watching the client socket can notice.
+    tokio::time::timeout(Duration::from_secs(1), stream.closed)
+        .await
+        .expect("upstream did not see the client disconnect within 1 s")
+        .unwrap();
+}
