@@ -437,7 +437,10 @@ async fn front_keeps_the_connection_alive_for_a_second_request() {
     let mut c = RawClient::connect(ss.proxy_addr).await;
     c.write("GET /events/a HTTP/1.1\r\nhost: h\r\n\r\n").await;
     let first = c.response(false).await;
-    assert_eq!((first.status, first.wire_body.as_slice()), (200, &b"hello"[..]));
+    assert_eq!(
+        (first.status, first.wire_body.as_slice()),
+        (200, &b"hello"[..])
+    );
     assert_eq!(first.header("content-length"), Some("5"));
     assert!(first.header("date").is_some_and(|d| d.ends_with(" GMT")));
     assert_eq!(first.header("connection"), None);
@@ -526,7 +529,10 @@ async fn front_hands_a_request_with_a_body_to_hyper_mid_connection() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     c.write("content-length: 7\r\n\r\n{\"q\":1}").await;
     let resp = c.response(false).await;
-    assert_eq!((resp.status, resp.wire_body.as_slice()), (200, &b"hello"[..]));
+    assert_eq!(
+        (resp.status, resp.wire_body.as_slice()),
+        (200, &b"hello"[..])
+    );
     let s = backend.next_stream().await;
     assert_eq!(s.parts.method, "POST");
     assert_eq!(&s.body[..], b"{\"q\":1}");
