@@ -66,7 +66,7 @@ enum Parsed {
     Partial,
     /// A request this front serves, whose head is `len` bytes long.
     Request {
-        req: Request<()>,
+        req: Box<Request<()>>,
         len: usize,
         keep_alive: bool,
     },
@@ -151,7 +151,7 @@ fn parse(buf: &[u8], max_headers: usize) -> Parsed {
     *req.version_mut() = version;
     *req.headers_mut() = map;
     Parsed::Request {
-        req,
+        req: Box::new(req),
         len,
         keep_alive: !close && (version == Version::HTTP_11 || keep),
     }
@@ -160,7 +160,7 @@ fn parse(buf: &[u8], max_headers: usize) -> Parsed {
 /// The outcome of waiting for a request head.
 enum Head {
     Request {
-        req: Request<()>,
+        req: Box<Request<()>>,
         keep_alive: bool,
     },
     HandOff,
@@ -212,7 +212,7 @@ pub async fn serve(
             }
             Head::Closed => return None,
         };
-        match conn.exchange(req, keep_alive).await {
+        match conn.exchange(*req, keep_alive).await {
             Ok(true) => {}
             Ok(false) => {
                 let _ = conn.io.shutdown().await;
@@ -710,7 +710,7 @@ mod tests {
                 req,
                 len,
                 keep_alive,
-            } => (req, len, keep_alive),
+            } => (*req, len, keep_alive),
             other => panic!("not a request: {other:?}"),
         }
     }
