@@ -84,6 +84,11 @@ pub struct RunArgs {
     /// answer within the same time; `0s` disables.
     #[arg(long, env = "SSEGATE_H2_KEEPALIVE_INTERVAL", default_value = "20s")]
     pub h2_keepalive_interval: crate::api::Duration,
+    /// Proxy worker threads, like nginx's worker_processes: each runs its own event loop with
+    /// its own SO_REUSEPORT sockets on --listen and --listen-tls, and a stream stays on the
+    /// worker that accepted it [default: the number of CPUs available to the process].
+    #[arg(long, env = "SSEGATE_WORKERS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub workers: Option<u32>,
     /// Address of the admin listener (/metrics, /healthz, /readyz).
     #[arg(long, env = "SSEGATE_ADMIN", default_value = "0.0.0.0:10254")]
     pub admin: SocketAddr,
@@ -184,6 +189,12 @@ impl RunArgs {
             return Err("--lease-duration must be at least 1s (Leases count whole seconds)".into());
         }
         Ok(())
+    }
+
+    /// `--workers`, or one per available CPU.
+    pub fn workers(&self) -> usize {
+        self.workers
+            .map_or_else(crate::workers::default_workers, |n| n as usize)
     }
 
     /// The drain settings.
@@ -390,6 +401,9 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.listen.port(), 1);
+        assert_eq!(a.workers(), crate::workers::default_workers());
+        assert_eq!(parse(&["run", "--workers", "3"]).unwrap().workers(), 3);
+        assert!(parse(&["run", "--workers", "0"]).is_err());
         assert_eq!(a.admin.port(), 2);
         assert_eq!(a.log_format, LogFormat::Json);
         assert_eq!(a.class, "c");

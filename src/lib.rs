@@ -37,3 +37,4 @@ pub mod source;
 pub mod sse;
 pub mod status;
 pub mod tls;
+pub mod workers;

@@ -34,6 +34,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             class: args.class.clone(),
             default_cert_secret: args.default_cert_secret.clone(),
         },
+        workers: args.workers(),
         ..ServerConfig::default()
     };
     let mut running = match args.config.clone() {
@@ -108,7 +109,14 @@ fn main() -> std::process::ExitCode {
         }
     };
     init_logging(args.log_format);
+    match ssegate::workers::raise_nofile_limit() {
+        Ok((soft, hard)) => tracing::info!(soft, hard, "open-files limit (RLIMIT_NOFILE)"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
+    // The proxy runs on its own worker threads (`--workers`); this runtime only carries the
+    // control plane: configuration source, admin listener, status writer, leader election.
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime");

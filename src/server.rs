@@ -26,6 +26,7 @@ use crate::source::files::{self, LoadError, Loaded};
 use crate::source::kube::{self as kube_source, KubeSourceConfig};
 use crate::status::writer;
 use crate::tls;
+use crate::workers::{self, Workers, WorkersBuilder};
 use tokio_rustls::TlsAcceptor;
 
 /// Settings of a running ssegate.
@@ -48,6 +49,11 @@ pub struct ServerConfig {
     pub reload_poll: Duration,
     /// Standalone mode: how long a burst of file events is coalesced.
     pub reload_debounce: Duration,
+    /// Proxy worker threads (`--workers`), each with its own single-threaded runtime and its
+    /// own `SO_REUSEPORT` sockets on the proxy addresses (see [`crate::workers`]). `0`
+    /// serves the proxy on the runtime that called `start_*` instead (this struct's
+    /// default, for in-process use).
+    pub workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +67,7 @@ impl Default for ServerConfig {
             proxy: ProxyConfig::default(),
             reload_poll: Duration::from_secs(2),
             reload_debounce: Duration::from_millis(100),
+            workers: 0,
         }
     }
 }
@@ -82,6 +89,8 @@ pub struct Running {
     /// The drain state shared with the proxy.
     pub drain: Drain,
     tasks: JoinSet<()>,
+    /// The proxy's worker threads (none with `workers: 0`); dropping them stops them.
+    workers: Option<Workers>,
     /// Cluster mode: tells the leader-election task to release the Lease and stop.
     shutdown: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
 }
@@ -127,7 +136,14 @@ pub struct DrainOutcome {
 }
 
 impl Running {
-    /// Waits until a task ends (normally never).
+    /// Tasks alive on each proxy worker (one per open client connection); empty when the
+    /// proxy runs on the caller's runtime (`workers: 0`).
+    pub fn worker_tasks(&self) -> Vec<usize> {
+        self.workers.as_ref().map_or_else(Vec::new, Workers::tasks)
+    }
+
+    /// Waits until a task ends: normally never, except that each proxy worker ends once a
+    /// drain has closed its listeners and its connections.
     pub async fn wait(&mut self) {
         self.tasks.join_next().await;
     }
@@ -182,6 +198,9 @@ impl Running {
             tx.send_replace(true);
             let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
         }
+        if let Some(w) = &self.workers {
+            w.stop();
+        }
         self.tasks.abort_all();
     }
 }
@@ -195,59 +214,80 @@ pub struct ClusterConfig {
     pub lease: LeaseConfig,
 }
 
-/// The bound TLS listener and the `--default-cert` pair.
-struct TlsListener {
-    listener: TcpListener,
-    addr: SocketAddr,
-    fallback: Option<Arc<rustls::sign::CertifiedKey>>,
-}
-
-/// Binds the TLS listener (if configured) and reads the default certificate files, failing
-/// fast on either.
-async fn bind_tls(cfg: &ServerConfig) -> anyhow::Result<Option<TlsListener>> {
-    let Some(addr) = cfg.listen_tls else {
+/// Reads the `--default-cert` pair, if given.
+fn default_cert(cfg: &ServerConfig) -> anyhow::Result<Option<Arc<rustls::sign::CertifiedKey>>> {
+    let Some((cert, key)) = &cfg.default_cert else {
         return Ok(None);
     };
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (TLS)"))?;
-    let fallback = match &cfg.default_cert {
-        Some((cert, key)) => {
-            let read = |p: &PathBuf| {
-                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
-            };
-            let pair = tls::parse_key_pair(&read(cert)?, &read(key)?).with_context(|| {
-                format!(
-                    "--default-cert {} / --default-key {}",
-                    cert.display(),
-                    key.display()
-                )
-            })?;
-            Some(Arc::new(pair))
-        }
-        None => None,
-    };
-    Ok(Some(TlsListener {
-        addr: listener.local_addr()?,
-        listener,
-        fallback,
-    }))
+    let read =
+        |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let pair = tls::parse_key_pair(&read(cert)?, &read(key)?).with_context(|| {
+        format!(
+            "--default-cert {} / --default-key {}",
+            cert.display(),
+            key.display()
+        )
+    })?;
+    Ok(Some(Arc::new(pair)))
 }
 
-/// Spawns the plain listener's proxy and, if bound, the TLS listener's (same table, limits
-/// and drain; `X-Forwarded-Proto: https`; certificates from the table's store).
+/// The proxy's listening sockets.
+enum ProxySockets {
+    /// `workers: 0`: served by tasks on the caller's runtime.
+    Local {
+        plain: TcpListener,
+        tls: Option<TcpListener>,
+    },
+    /// One socket per address on each worker; listener 0 is the plain one, 1 the TLS one.
+    Workers(WorkersBuilder),
+}
+
+/// Starts serving the plain listener and, if bound, the TLS listener (same table, limits
+/// and drain; `X-Forwarded-Proto: https`; certificates from the table's store). Returns the
+/// worker threads, if any; each worker's end is also a task in `tasks`.
 fn spawn_proxies(
     tasks: &mut JoinSet<()>,
     proxy: Proxy,
-    listener: TcpListener,
-    tls_listener: Option<TlsListener>,
-) {
-    if let Some(t) = tls_listener {
-        let resolver = tls::SniResolver::new(TableCerts(proxy.table().clone()), t.fallback);
+    sockets: ProxySockets,
+    fallback: Option<Arc<rustls::sign::CertifiedKey>>,
+    with_tls: bool,
+) -> anyhow::Result<Option<Workers>> {
+    let tls = with_tls.then(|| {
+        let resolver = tls::SniResolver::new(TableCerts(proxy.table().clone()), fallback);
         let acceptor = TlsAcceptor::from(tls::server_config(Arc::new(resolver)));
-        tasks.spawn(Arc::new(proxy.for_tls()).serve_tls(t.listener, acceptor));
+        (Arc::new(proxy.for_tls()), acceptor)
+    });
+    let proxy = Arc::new(proxy);
+    match sockets {
+        ProxySockets::Local { plain, tls: socket } => {
+            if let (Some(socket), Some((tls_proxy, acceptor))) = (socket, tls) {
+                tasks.spawn(tls_proxy.serve_tls(socket, acceptor));
+            }
+            tasks.spawn(proxy.serve(plain));
+            Ok(None)
+        }
+        ProxySockets::Workers(builder) => {
+            let (workers, done) = builder.start(move |i, socket| {
+                let proxy = proxy.clone();
+                let tls = tls.clone();
+                async move {
+                    match (i, tls) {
+                        (0, _) => proxy.serve(socket).await,
+                        (_, Some((tls_proxy, acceptor))) => {
+                            tls_proxy.serve_tls(socket, acceptor).await
+                        }
+                        (_, None) => unreachable!("listener 1 is the TLS one"),
+                    }
+                }
+            })?;
+            for worker in done {
+                tasks.spawn(async move {
+                    let _ = worker.await;
+                });
+            }
+            Ok(Some(workers))
+        }
     }
-    tasks.spawn(Arc::new(proxy).serve(listener));
 }
 
 /// The standalone source's callback: publish a good load, keep the last table on a bad one.
@@ -267,11 +307,11 @@ fn on_load(publisher: &mut Publisher, result: Result<Loaded, Vec<LoadError>>) {
     }
 }
 
-/// The three listeners, bound before anything else starts so a busy port fails at once.
+/// The listeners, bound before anything else starts so a busy port fails at once.
 struct Listeners {
-    listener: TcpListener,
+    proxy: ProxySockets,
     admin_listener: TcpListener,
-    tls_listener: Option<TlsListener>,
+    fallback: Option<Arc<rustls::sign::CertifiedKey>>,
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
@@ -279,20 +319,38 @@ struct Listeners {
 
 impl Listeners {
     async fn bind(cfg: &ServerConfig) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let listen_err = || format!("cannot listen on {}", cfg.listen);
+        let tls_err = |a: &SocketAddr| format!("cannot listen on {a} (TLS)");
+        let (proxy, proxy_addr, tls_addr) = if cfg.workers == 0 {
+            let plain = workers::bind_local(cfg.listen).with_context(listen_err)?;
+            let tls = match cfg.listen_tls {
+                Some(a) => Some(workers::bind_local(a).with_context(|| tls_err(&a))?),
+                None => None,
+            };
+            let addrs = (
+                plain.local_addr()?,
+                tls.as_ref().map(|t| t.local_addr()).transpose()?,
+            );
+            (ProxySockets::Local { plain, tls }, addrs.0, addrs.1)
+        } else {
+            let mut builder = WorkersBuilder::new(cfg.workers)?;
+            let proxy_addr = builder.listen(cfg.listen).with_context(listen_err)?;
+            let tls_addr = match cfg.listen_tls {
+                Some(a) => Some(builder.listen(a).with_context(|| tls_err(&a))?),
+                None => None,
+            };
+            (ProxySockets::Workers(builder), proxy_addr, tls_addr)
+        };
         let admin_listener = TcpListener::bind(cfg.admin)
             .await
             .with_context(|| format!("cannot listen on {} (admin)", cfg.admin))?;
-        let tls_listener = bind_tls(cfg).await?;
         Ok(Listeners {
-            proxy_addr: listener.local_addr()?,
+            proxy,
             admin_addr: admin_listener.local_addr()?,
-            tls_addr: tls_listener.as_ref().map(|t| t.addr),
-            listener,
             admin_listener,
-            tls_listener,
+            fallback: default_cert(cfg)?,
+            proxy_addr,
+            tls_addr,
         })
     }
 }
@@ -307,9 +365,9 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
     let drain = Drain::new();
 
     let Listeners {
-        listener,
+        proxy: sockets,
         admin_listener,
-        tls_listener,
+        fallback,
         proxy_addr,
         admin_addr,
         tls_addr,
@@ -327,7 +385,7 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
 
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
-    spawn_proxies(
+    let workers = spawn_proxies(
         &mut tasks,
         Proxy::new(
             table.clone(),
@@ -335,9 +393,10 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
             metrics.clone(),
             drain.clone(),
         ),
-        listener,
-        tls_listener,
-    );
+        sockets,
+        fallback,
+        tls_addr.is_some(),
+    )?;
     tasks.spawn(files::watch(
         dir,
         Some(fp),
@@ -345,7 +404,7 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
         cfg.reload_debounce,
         move |r| on_load(&mut publisher, r),
     ));
-    tracing::info!(%proxy_addr, tls_addr = ?tls_addr, %admin_addr, "ssegate started");
+    tracing::info!(%proxy_addr, tls_addr = ?tls_addr, %admin_addr, workers = cfg.workers, "ssegate started");
     Ok(Running {
         proxy_addr,
         admin_addr,
@@ -355,6 +414,7 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
         table,
         drain,
         tasks,
+        workers,
         shutdown: None,
     })
 }
@@ -372,9 +432,9 @@ pub async fn start_cluster(
     let table: SharedTable = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
     let drain = Drain::new();
     let Listeners {
-        listener,
+        proxy: sockets,
         admin_listener,
-        tls_listener,
+        fallback,
         proxy_addr,
         admin_addr,
         tls_addr,
@@ -392,7 +452,7 @@ pub async fn start_cluster(
 
     let mut tasks = JoinSet::new();
     tasks.spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
-    spawn_proxies(
+    let workers = spawn_proxies(
         &mut tasks,
         Proxy::new(
             table.clone(),
@@ -400,9 +460,10 @@ pub async fn start_cluster(
             metrics.clone(),
             drain.clone(),
         ),
-        listener,
-        tls_listener,
-    );
+        sockets,
+        fallback,
+        tls_addr.is_some(),
+    )?;
     tasks.spawn(kube_source::run(
         client.clone(),
         KubeSourceConfig {
@@ -428,7 +489,7 @@ pub async fn start_cluster(
         metrics.clone(),
         shutdown_rx,
     ));
-    tracing::info!(%proxy_addr, tls_addr = ?tls_addr, %admin_addr, lease = %format!("{}/{}", lease.namespace, lease.name), identity = %lease.identity, "ssegate started (cluster mode)");
+    tracing::info!(%proxy_addr, tls_addr = ?tls_addr, %admin_addr, workers = cfg.workers, lease = %format!("{}/{}", lease.namespace, lease.name), identity = %lease.identity, "ssegate started (cluster mode)");
     Ok(Running {
         proxy_addr,
         admin_addr,
@@ -438,6 +499,7 @@ pub async fn start_cluster(
         table,
         drain,
         tasks,
+        workers,
         shutdown: Some((shutdown_tx, leader_task)),
     })
 }

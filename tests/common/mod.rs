@@ -275,6 +275,10 @@ pub fn service_yaml(svc: &str, ready: &[SocketAddr], unready: &[SocketAddr]) -> 
     )
 }
 
+/// Proxy worker threads of in-process ssegates: more than one, as in production, so every
+/// suite runs across runtimes (streams on worker threads, control plane on the test's).
+pub const TEST_WORKERS: usize = 2;
+
 /// ssegate running in-process on ephemeral loopback ports, reloading quickly.
 pub async fn start_ssegate(config: &ConfigDir) -> Running {
     start_ssegate_with(config, ssegate::proxy::ProxyConfig::default()).await
@@ -288,6 +292,7 @@ pub async fn start_ssegate_with(config: &ConfigDir, proxy: ssegate::proxy::Proxy
         reload_poll: Duration::from_millis(100),
         reload_debounce: Duration::from_millis(20),
         proxy,
+        workers: TEST_WORKERS,
         ..ServerConfig::default()
     };
     start_standalone(config.path(), cfg).await.unwrap()
@@ -298,15 +303,24 @@ pub async fn start_ssegate_tweaked(
     config: &ConfigDir,
     tweak: impl FnOnce(&mut ServerConfig),
 ) -> Running {
+    try_start_ssegate(config, tweak).await.unwrap()
+}
+
+/// [`start_ssegate_tweaked`] returning start-up errors.
+pub async fn try_start_ssegate(
+    config: &ConfigDir,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> anyhow::Result<Running> {
     let mut cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin: "127.0.0.1:0".parse().unwrap(),
         reload_poll: Duration::from_millis(100),
         reload_debounce: Duration::from_millis(20),
+        workers: TEST_WORKERS,
         ..ServerConfig::default()
     };
     tweak(&mut cfg);
-    start_standalone(config.path(), cfg).await.unwrap()
+    start_standalone(config.path(), cfg).await
 }
 
 /// A response being read from a real client connection.
