@@ -322,6 +322,10 @@ def expect(label, values, objs, binary_flags):
     if "https" not in ports and flags.get("listen-tls") != ["off"]:
         fail(f"without a TLS port the TLS listener must be off (--listen-tls=off), not {flags.get('listen-tls')}")
 
+    workers = values.get("controller", {}).get("workers")
+    if flags.get("workers") != ([str(workers)] if workers else None):
+        fail(f"--workers {flags.get('workers')} does not follow controller.workers ({workers})")
+
     # Drain: the kubelet's SIGKILL (terminationGracePeriodSeconds) comes after ssegate's own
     # --grace-period, with room for releasing the Lease (up to 3 s); the drain closes streams
     # between --drain-delay and the grace period. No preStop hook: ssegate drains on SIGTERM.
@@ -445,6 +449,7 @@ def check_schema_rejects():
         ("controller.watchNamespaces={a,b}", "watchNamespaces"),
         ("leaderElection.leaseDuration=15", "leaseDuration"),
         ("drain.windowSeconds=30s", "windowSeconds"),
+        ("controller.workers=0", "workers"),
         ("drain.terminationMarginSeconds=1", "terminationMarginSeconds"),
         ("terminationGracePeriodSeconds=120", "terminationGracePeriodSeconds"),
     ]

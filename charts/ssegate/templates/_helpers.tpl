@@ -103,6 +103,7 @@ but not here fails the test command.
   (list "default-cert-secret" (ternary $v.tls.defaultCertSecret "" $v.tls.enabled))
   (list "h2-max-concurrent-streams" $v.http2.maxConcurrentStreams)
   (list "h2-keepalive-interval" $v.http2.keepaliveInterval)
+  (list "workers" $c.workers)
   (list "drain-delay" (printf "%ds" (int $v.drain.delaySeconds)))
   (list "drain-window" (printf "%ds" (int $v.drain.windowSeconds)))
   (list "grace-period" (printf "%ds" (int $v.drain.gracePeriodSeconds)))
