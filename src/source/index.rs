@@ -12,6 +12,10 @@
 //! - Services and EndpointSlices that no route references are stored but do not make the
 //!   table dirty, and are left out of the [`Snapshot`]: endpoint churn elsewhere in the cluster
 //!   costs a map update, not a recompile.
+//! - Secrets are kept trimmed to what TLS reads (name, namespace, type, `tls.crt`, `tls.key`,
+//!   `ca.crt`; see [`trim_secret`]), and Opaque Secrets only when they carry one of those keys,
+//!   so watching every Opaque Secret (CA bundles are usually Opaque) costs little memory and
+//!   a change to an unrelated Secret never recompiles.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -25,6 +29,7 @@ use super::Snapshot;
 use crate::api::{SseRoute, SseRouteStatus};
 use crate::routing::SERVICE_NAME_LABEL;
 use crate::status::{ACCEPTED, CondState, READY, RESOLVED_REFS, RouteReport};
+use crate::tls::{CA_CRT, TLS_CRT, TLS_KEY};
 
 /// The kinds ssegate watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -37,15 +42,18 @@ pub enum Kind {
     EndpointSlice,
     /// `v1` Secret of type `kubernetes.io/tls`.
     Secret,
+    /// `v1` Secret of type `Opaque` (kept only with `ca.crt`, `tls.crt` or `tls.key`).
+    OpaqueSecret,
 }
 
 impl Kind {
     /// Every kind, in the order watches are started.
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::Route,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Secret,
+        Kind::OpaqueSecret,
     ];
 
     /// The kind's name, for logs.
@@ -54,7 +62,8 @@ impl Kind {
             Kind::Route => "SseRoute",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
-            Kind::Secret => "Secret",
+            Kind::Secret => "Secret (kubernetes.io/tls)",
+            Kind::OpaqueSecret => "Secret (Opaque)",
         }
     }
 }
@@ -166,6 +175,7 @@ pub struct ClusterIndex {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     secrets: Store<Secret>,
+    opaque_secrets: Store<Secret>,
     /// `(namespace, service)` pairs some route's rule points at.
     referenced: HashSet<ObjKey>,
     /// Objects of other kinds that failed to deserialize, with the error last logged.
@@ -180,6 +190,40 @@ fn key_of(obj: &DynamicObject) -> ObjKey {
             .unwrap_or_else(|| "default".into()),
         obj.metadata.name.clone().unwrap_or_default(),
     )
+}
+
+/// The Secret keys ssegate reads.
+const SECRET_KEYS: [&str; 3] = [TLS_CRT, TLS_KEY, CA_CRT];
+
+/// What the index keeps of a Secret: name, namespace, type and the keys TLS reads; no
+/// annotations (`kubectl apply` copies the whole Secret into one), labels or managed fields.
+/// `None` for an Opaque Secret with none of those keys: it cannot be a certificate or CA
+/// bundle, so it is not kept at all. A `kubernetes.io/tls` Secret is always kept, so a route
+/// naming one that lacks a key is told which key, not "not found".
+pub fn trim_secret(kind: Kind, secret: Secret) -> Option<Secret> {
+    fn keep<V>(map: Option<BTreeMap<String, V>>) -> Option<BTreeMap<String, V>> {
+        let kept: BTreeMap<_, _> = map?
+            .into_iter()
+            .filter(|(k, _)| SECRET_KEYS.contains(&k.as_str()))
+            .collect();
+        (!kept.is_empty()).then_some(kept)
+    }
+    let data = keep(secret.data);
+    let string_data = keep(secret.string_data);
+    if kind == Kind::OpaqueSecret && data.is_none() && string_data.is_none() {
+        return None;
+    }
+    Some(Secret {
+        metadata: kube::api::ObjectMeta {
+            name: secret.metadata.name,
+            namespace: secret.metadata.namespace,
+            ..Default::default()
+        },
+        type_: secret.type_,
+        data,
+        string_data,
+        immutable: None,
+    })
 }
 
 /// Deserializes a watched object as `K`, with the field path in the error.
@@ -246,7 +290,11 @@ fn routing_view(e: &RouteEntry) -> impl PartialEq + '_ {
 impl ClusterIndex {
     /// True once every kind has finished its first list.
     pub fn synced(&self) -> bool {
-        self.routes.synced && self.services.synced && self.slices.synced && self.secrets.synced
+        self.routes.synced
+            && self.services.synced
+            && self.slices.synced
+            && self.secrets.synced
+            && self.opaque_secrets.synced
     }
 
     /// Kinds that have not finished their first list yet.
@@ -258,6 +306,7 @@ impl ClusterIndex {
                 Kind::Service => !self.services.synced,
                 Kind::EndpointSlice => !self.slices.synced,
                 Kind::Secret => !self.secrets.synced,
+                Kind::OpaqueSecret => !self.opaque_secrets.synced,
             })
             .collect()
     }
@@ -280,9 +329,11 @@ impl ClusterIndex {
                 change
             }
             _ => match self.parse_other(kind, &key, obj) {
+                // An Opaque Secret with none of our keys (any more).
+                Some(Other::Secret(None)) => self.delete_key(kind, &key),
                 Some(typed) => {
-                    let relevant = self.relevant(&key, &typed);
-                    self.insert_other(key, typed);
+                    let relevant = self.relevant(kind, &key, &typed);
+                    self.insert_other(kind, key, typed);
                     if relevant {
                         Change::ROUTING
                     } else {
@@ -309,6 +360,7 @@ impl ClusterIndex {
             Kind::Service => self.services.relist = Some(BTreeMap::new()),
             Kind::EndpointSlice => self.slices.relist = Some(BTreeMap::new()),
             Kind::Secret => self.secrets.relist = Some(BTreeMap::new()),
+            Kind::OpaqueSecret => self.opaque_secrets.relist = Some(BTreeMap::new()),
         }
     }
 
@@ -333,9 +385,11 @@ impl ClusterIndex {
                         Other::Slice(s) => {
                             self.slices.relist.get_or_insert_default().insert(key, s);
                         }
-                        Other::Secret(s) => {
-                            self.secrets.relist.get_or_insert_default().insert(key, s);
+                        Other::Secret(Some(s)) => {
+                            let store = self.secret_store(kind);
+                            store.relist.get_or_insert_default().insert(key, s);
                         }
+                        Other::Secret(None) => {}
                     }
                 }
             }
@@ -362,6 +416,7 @@ impl ClusterIndex {
             Kind::Service => swap(&mut self.services),
             Kind::EndpointSlice => swap(&mut self.slices),
             Kind::Secret => swap(&mut self.secrets),
+            Kind::OpaqueSecret => swap(&mut self.opaque_secrets),
         };
         let bad_keys: Vec<_> = self
             .bad
@@ -374,6 +429,7 @@ impl ClusterIndex {
                 Kind::Service => self.services.items.contains_key(&bk.1),
                 Kind::EndpointSlice => self.slices.items.contains_key(&bk.1),
                 Kind::Secret => self.secrets.items.contains_key(&bk.1),
+                Kind::OpaqueSecret => self.opaque_secrets.items.contains_key(&bk.1),
                 Kind::Route => true,
             };
             if present {
@@ -388,7 +444,7 @@ impl ClusterIndex {
     }
 
     /// The objects compile needs: routes that deserialized, the Services and EndpointSlices
-    /// they reference, and TLS Secrets.
+    /// they reference, and the (trimmed) Secrets.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             routes: self
@@ -412,7 +468,13 @@ impl ClusterIndex {
                 .iter_referenced(&self.referenced)
                 .cloned()
                 .collect(),
-            secrets: self.secrets.items.values().cloned().collect(),
+            secrets: self
+                .secrets
+                .items
+                .values()
+                .chain(self.opaque_secrets.items.values())
+                .cloned()
+                .collect(),
         }
     }
 
@@ -472,8 +534,8 @@ impl ClusterIndex {
                 Some(old) if self.slice_referenced(&old) => Change::ROUTING,
                 _ => Change::NONE,
             },
-            Kind::Secret => {
-                if self.secrets.items.remove(key).is_some() {
+            Kind::Secret | Kind::OpaqueSecret => {
+                if self.secret_store(kind).items.remove(key).is_some() {
                     Change::ROUTING
                 } else {
                     Change::NONE
@@ -482,11 +544,20 @@ impl ClusterIndex {
         }
     }
 
+    fn secret_store(&mut self, kind: Kind) -> &mut Store<Secret> {
+        match kind {
+            Kind::OpaqueSecret => &mut self.opaque_secrets,
+            _ => &mut self.secrets,
+        }
+    }
+
     fn parse_other(&mut self, kind: Kind, key: &ObjKey, obj: &DynamicObject) -> Option<Other> {
         let parsed = match kind {
             Kind::Service => parse::<Service>(obj).map(Other::Service),
             Kind::EndpointSlice => parse::<EndpointSlice>(obj).map(Other::Slice),
-            Kind::Secret => parse::<Secret>(obj).map(Other::Secret),
+            Kind::Secret | Kind::OpaqueSecret => {
+                parse::<Secret>(obj).map(|s| Other::Secret(trim_secret(kind, s)))
+            }
             Kind::Route => unreachable!("routes are parsed as RouteEntry"),
         };
         match parsed {
@@ -505,7 +576,7 @@ impl ClusterIndex {
         }
     }
 
-    fn insert_other(&mut self, key: ObjKey, typed: Other) {
+    fn insert_other(&mut self, kind: Kind, key: ObjKey, typed: Other) {
         match typed {
             Other::Service(s) => {
                 self.services.items.insert(key, s);
@@ -513,15 +584,16 @@ impl ClusterIndex {
             Other::Slice(s) => {
                 self.slices.items.insert(key, s);
             }
-            Other::Secret(s) => {
-                self.secrets.items.insert(key, s);
+            Other::Secret(Some(s)) => {
+                self.secret_store(kind).items.insert(key, s);
             }
+            Other::Secret(None) => {}
         }
     }
 
     /// Whether applying `typed` can change the table (for slices: the old or the new version
-    /// belongs to a referenced Service).
-    fn relevant(&self, key: &ObjKey, typed: &Other) -> bool {
+    /// belongs to a referenced Service; for Secrets: what TLS reads of it changed).
+    fn relevant(&self, kind: Kind, key: &ObjKey, typed: &Other) -> bool {
         match typed {
             Other::Service(_) => self.referenced.contains(key),
             Other::Slice(s) => {
@@ -532,7 +604,13 @@ impl ClusterIndex {
                         .get(key)
                         .is_some_and(|old| self.slice_referenced(old))
             }
-            Other::Secret(_) => true,
+            Other::Secret(new) => {
+                let store = match kind {
+                    Kind::OpaqueSecret => &self.opaque_secrets,
+                    _ => &self.secrets,
+                };
+                store.items.get(key) != new.as_ref()
+            }
         }
     }
 
@@ -582,7 +660,8 @@ impl ClusterIndex {
 enum Other {
     Service(Service),
     Slice(EndpointSlice),
-    Secret(Secret),
+    /// Trimmed; `None` when it carries none of the keys TLS reads.
+    Secret(Option<Secret>),
 }
 
 /// `(namespace, service)` an EndpointSlice belongs to.
@@ -660,10 +739,179 @@ mod tests {
             idx.init_done(k);
         }
         assert!(!idx.synced());
-        assert_eq!(idx.unsynced(), vec![Kind::Secret]);
+        assert_eq!(idx.unsynced(), vec![Kind::Secret, Kind::OpaqueSecret]);
         idx.init(Kind::Secret);
         assert_eq!(idx.init_done(Kind::Secret), Change::ROUTING);
+        assert!(!idx.synced(), "the Opaque Secret watch has not listed yet");
+        idx.init(Kind::OpaqueSecret);
+        assert_eq!(idx.init_done(Kind::OpaqueSecret), Change::ROUTING);
         assert!(idx.synced());
+    }
+
+    fn opaque(name: &str, data: &[(&str, &str)]) -> Secret {
+        Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("apps".into()),
+                annotations: Some(
+                    [(
+                        "kubectl.kubernetes.io/last-applied-configuration".into(),
+                        "{..}".into(),
+                    )]
+                    .into(),
+                ),
+                resource_version: Some("1".into()),
+                ..Default::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            k8s_openapi::ByteString(v.as_bytes().to_vec()),
+                        )
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn data_keys(s: &Secret) -> Vec<&str> {
+        s.data.iter().flatten().map(|(k, _)| k.as_str()).collect()
+    }
+
+    #[test]
+    fn opaque_secrets_are_kept_only_with_our_keys_and_trimmed() {
+        let mut idx = synced();
+        // A CA bundle: kept, with only ca.crt and no annotations.
+        let ca = opaque("backend-ca", &[("ca.crt", "PEM"), ("password", "hunter2")]);
+        assert_eq!(
+            idx.apply(Kind::OpaqueSecret, &dynamic(&ca)),
+            Change::ROUTING
+        );
+        let snap = idx.snapshot();
+        assert_eq!(snap.secrets.len(), 1);
+        let kept = &snap.secrets[0];
+        assert_eq!(data_keys(kept), vec!["ca.crt"]);
+        assert_eq!(kept.metadata.name.as_deref(), Some("backend-ca"));
+        assert_eq!(kept.metadata.namespace.as_deref(), Some("apps"));
+        assert_eq!(kept.type_.as_deref(), Some("Opaque"));
+        assert!(kept.metadata.annotations.is_none() && kept.metadata.resource_version.is_none());
+        // Metadata or unrelated keys changing does not recompile.
+        let mut touched = opaque("backend-ca", &[("ca.crt", "PEM"), ("password", "new")]);
+        touched.metadata.resource_version = Some("2".into());
+        assert_eq!(
+            idx.apply(Kind::OpaqueSecret, &dynamic(&touched)),
+            Change::NONE
+        );
+        // The CA changing does.
+        let rotated = opaque("backend-ca", &[("ca.crt", "PEM2")]);
+        assert_eq!(
+            idx.apply(Kind::OpaqueSecret, &dynamic(&rotated)),
+            Change::ROUTING
+        );
+        // Any other Opaque Secret is not kept at all.
+        let other = opaque("db-password", &[("password", "x")]);
+        assert_eq!(
+            idx.apply(Kind::OpaqueSecret, &dynamic(&other)),
+            Change::NONE
+        );
+        assert_eq!(idx.snapshot().secrets.len(), 1);
+        // A kept one that loses its keys is dropped like a deleted one.
+        let emptied = opaque("backend-ca", &[("other", "x")]);
+        assert_eq!(
+            idx.apply(Kind::OpaqueSecret, &dynamic(&emptied)),
+            Change::ROUTING
+        );
+        assert!(idx.snapshot().secrets.is_empty());
+        // A client certificate in an Opaque Secret is kept too.
+        let pair = opaque("client", &[("tls.crt", "C"), ("tls.key", "K"), ("x", "y")]);
+        idx.apply(Kind::OpaqueSecret, &dynamic(&pair));
+        assert_eq!(
+            data_keys(&idx.snapshot().secrets[0]),
+            vec!["tls.crt", "tls.key"]
+        );
+        assert_eq!(
+            idx.delete(Kind::OpaqueSecret, &dynamic(&pair)),
+            Change::ROUTING
+        );
+        assert!(idx.snapshot().secrets.is_empty());
+    }
+
+    #[test]
+    fn a_relist_of_opaque_secrets_keeps_only_ours() {
+        let mut idx = synced();
+        idx.init(Kind::OpaqueSecret);
+        idx.init_apply(
+            Kind::OpaqueSecret,
+            &dynamic(&opaque("ca", &[("ca.crt", "P")])),
+        );
+        idx.init_apply(
+            Kind::OpaqueSecret,
+            &dynamic(&opaque("x", &[("token", "t")])),
+        );
+        assert_eq!(idx.init_done(Kind::OpaqueSecret), Change::ROUTING);
+        let names: Vec<_> = idx
+            .snapshot()
+            .secrets
+            .iter()
+            .map(|s| s.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, vec!["ca".to_string()]);
+    }
+
+    #[test]
+    fn tls_secrets_are_trimmed_but_kept_without_keys() {
+        let mut idx = synced();
+        let mut tls = opaque(
+            "cert",
+            &[("tls.crt", "C"), ("tls.key", "K"), ("extra", "E")],
+        );
+        tls.type_ = Some("kubernetes.io/tls".into());
+        assert_eq!(idx.apply(Kind::Secret, &dynamic(&tls)), Change::ROUTING);
+        let snap = idx.snapshot();
+        assert_eq!(data_keys(&snap.secrets[0]), vec!["tls.crt", "tls.key"]);
+        assert!(snap.secrets[0].metadata.annotations.is_none());
+        // A TLS Secret without our keys stays, so the route can say which key is missing.
+        let mut empty = opaque("cert", &[]);
+        empty.type_ = Some("kubernetes.io/tls".into());
+        assert_eq!(idx.apply(Kind::Secret, &dynamic(&empty)), Change::ROUTING);
+        assert_eq!(idx.snapshot().secrets.len(), 1);
+    }
+
+    #[test]
+    fn an_opaque_ca_secret_resolves_a_routes_ca_secret_name() {
+        use crate::api::BackendProtocol;
+        use crate::routing::{CompileOptions, StateStore, compile};
+        let (ca_pem, _) = crate::tls::tests::self_signed(&["backend.internal"]);
+        let mut idx = synced();
+        let r = route("apps", "up")
+            .rule("/x", "svc", 80)
+            .backend_tls(Some("backend-ca"), BackendProtocol::Http1)
+            .build();
+        idx.apply(Kind::Route, &dynamic(&r));
+        idx.apply(
+            Kind::Service,
+            &dynamic(&service("apps", "svc", &[(None, 80)])),
+        );
+        let sl = slice("apps", "svc", 9000, &[("10.0.0.1", true)]);
+        idx.apply(Kind::EndpointSlice, &dynamic(&sl));
+        // The reason ResolvedRefs gives, if it is false.
+        let unresolved = |idx: &ClusterIndex| {
+            let state = StateStore::new(crate::metrics::Metrics::new());
+            let (_, reports) = compile(&idx.snapshot(), &CompileOptions::default(), &state);
+            let c = reports[0].condition(RESOLVED_REFS).unwrap().clone();
+            (!c.status).then_some(c.reason)
+        };
+        assert_eq!(unresolved(&idx).as_deref(), Some("SecretNotFound"));
+        let ca = opaque("backend-ca", &[("ca.crt", &ca_pem)]);
+        assert_eq!(
+            idx.apply(Kind::OpaqueSecret, &dynamic(&ca)),
+            Change::ROUTING
+        );
+        assert_eq!(unresolved(&idx), None, "the Opaque CA Secret is found");
     }
 
     #[test]

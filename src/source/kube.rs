@@ -1,7 +1,9 @@
 //! Cluster mode: watch the API server and publish routing tables.
 //!
-//! One watch per kind (SseRoute, Service, EndpointSlice, and Secrets of type
-//! `kubernetes.io/tls` by field selector), all namespaces or one (`--namespace`). Each is a
+//! One watch per kind (SseRoute, Service, EndpointSlice, and two for Secrets by field
+//! selector: type `kubernetes.io/tls`, and type `Opaque`, the usual type of a CA bundle for
+//! `backend.tls.caSecretName`), all namespaces or one (`--namespace`). The index keeps only
+//! what TLS reads of a Secret, and drops Opaque Secrets without `ca.crt`/`tls.crt`/`tls.key`. Each is a
 //! kube-runtime [`watcher`] with the default exponential backoff, so a failed watch is logged
 //! and retried (and relists when its resourceVersion expired). Objects are watched untyped
 //! ([`DynamicObject`]) and typed by the [`ClusterIndex`]: one object that does not
@@ -31,8 +33,10 @@ use super::index::{ClusterIndex, Kind, StatusInput};
 use crate::api::SseRoute;
 use crate::publish::Publisher;
 
-/// Field selector of the Secret watch: only TLS Secrets are ever read.
+/// Field selector of the TLS Secret watch.
 pub const TLS_SECRETS: &str = "type=kubernetes.io/tls";
+/// Field selector of the Opaque Secret watch (CA bundles; no other Secret type is read).
+pub const OPAQUE_SECRETS: &str = "type=Opaque";
 
 /// Settings of the cluster source.
 #[derive(Clone, Debug)]
@@ -118,6 +122,10 @@ fn watch_kind(
             ApiResource::erase::<Secret>(&()),
             watcher::Config::default().fields(TLS_SECRETS),
         ),
+        Kind::OpaqueSecret => (
+            ApiResource::erase::<Secret>(&()),
+            watcher::Config::default().fields(OPAQUE_SECRETS),
+        ),
     };
     watcher::watcher(api_for(client, &ar, namespace), config)
         .default_backoff()
@@ -145,7 +153,7 @@ pub async fn run(
     let scope = cfg.namespace.as_deref().unwrap_or("all namespaces");
     tracing::info!(
         namespaces = scope,
-        "watching SseRoutes, Services, EndpointSlices and TLS Secrets"
+        "watching SseRoutes, Services, EndpointSlices and TLS and Opaque Secrets"
     );
 
     loop {
