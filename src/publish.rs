@@ -70,14 +70,21 @@ impl Publisher {
         let mut summaries = HashMap::with_capacity(reports.len());
         for r in &reports {
             let key = r.key();
-            let summary = r.summary();
+            let mut summary = r.summary();
+            for w in &r.warnings {
+                summary.push_str(" warning: ");
+                summary.push_str(w);
+            }
             if self.last_summaries.get(&key) != Some(&summary) {
                 let origin = origin(&key);
                 let origin = origin.as_deref();
                 if r.all_ok() {
                     tracing::info!(route = %key, origin, ready_endpoints = r.ready_endpoints, "route ready");
                 } else {
-                    tracing::warn!(route = %key, origin, status = %summary, "route not fully ready");
+                    tracing::warn!(route = %key, origin, status = %r.summary(), "route not fully ready");
+                }
+                for w in &r.warnings {
+                    tracing::warn!(route = %key, origin, warning = %w, "route served with a warning");
                 }
             }
             summaries.insert(key, summary);

@@ -339,6 +339,26 @@ pub fn compile(
             }
             _ => None,
         };
+        let mut warnings = Vec::new();
+        if let (Some(cert), Some(t)) = (&route_cert, &route.spec.tls)
+            && let Some(leaf) = cert.cert.first()
+        {
+            let sans = crate::tls::dns_names(leaf);
+            let missing = crate::tls::uncovered_hostnames(&sans, &route.spec.hostnames);
+            if !missing.is_empty() {
+                warnings.push(format!(
+                    "the certificate of Secret {ns}/{} does not cover {} (it is for: {}); \
+                     clients will reject it for those names",
+                    t.secret_name,
+                    missing.join(", "),
+                    if sans.is_empty() {
+                        "no DNS names".to_string()
+                    } else {
+                        sans.join(", ")
+                    }
+                ));
+            }
+        }
         if invalid.is_none() {
             let metrics = state.route_metrics(&key);
             let mut backends: Vec<Arc<dyn BalanceSource>> = Vec::new();
@@ -421,6 +441,12 @@ pub fn compile(
                 format!("served except: {}", conflicts.join("; ")),
             ),
         });
+        if let Some(accepted) = conds.last_mut()
+            && accepted.status
+            && !warnings.is_empty()
+        {
+            accepted.message = format!("{}; {}", accepted.message, warnings.join("; "));
+        }
 
         let failures: Vec<(String, String)> = resolved
             .iter()
@@ -476,6 +502,7 @@ pub fn compile(
             generation: route.metadata.generation,
             conditions: conds,
             ready_endpoints: u32::try_from(ready_endpoints).unwrap_or(u32::MAX),
+            warnings,
         });
     }
 
@@ -1579,6 +1606,42 @@ pub(crate) mod tests {
 
     fn key_pair(secret: &k8s_openapi::api::core::v1::Secret) -> rustls::sign::CertifiedKey {
         crate::tls::key_pair_from_secret(secret).unwrap()
+    }
+
+    #[test]
+    fn a_certificate_that_misses_a_hostname_is_reported_but_served() {
+        use crate::tls::tests::{self_signed, tls_secret};
+        let (crt, key) = self_signed(&["a.example"]);
+        let mut s = snap(vec![
+            route("apps", "r")
+                .host("a.example")
+                .host("b.example")
+                .tls("cert", false)
+                .rule("/a", "svc", 80)
+                .build(),
+        ]);
+        s.secrets = vec![tls_secret("apps", "cert", &crt, &key)];
+        let (t, reports) = compile_all(&s);
+        let acc = reports[0].condition(ACCEPTED).unwrap();
+        assert!(acc.status, "still accepted and served");
+        assert_eq!(acc.reason, "Accepted");
+        assert!(
+            acc.message
+                .contains("does not cover b.example (it is for: a.example)"),
+            "{}",
+            acc.message
+        );
+        assert_eq!(reports[0].warnings.len(), 1);
+        assert!(t.certs().resolve(Some("b.example")).is_some());
+        // A certificate for both names: no warning.
+        let (crt, key) = self_signed(&["a.example", "b.example"]);
+        s.secrets = vec![tls_secret("apps", "cert", &crt, &key)];
+        let (_, reports) = compile_all(&s);
+        assert!(reports[0].warnings.is_empty());
+        assert_eq!(
+            reports[0].condition(ACCEPTED).unwrap().message,
+            "route is valid and served"
+        );
     }
 
     #[test]

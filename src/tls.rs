@@ -137,6 +137,49 @@ fn parse_certs(pem: &[u8], key: &'static str) -> Result<Vec<CertificateDer<'stat
     Ok(certs)
 }
 
+/// The DNS names in a certificate's subjectAltName (`*.` wildcards included), lower-cased;
+/// empty when it has none or does not parse.
+pub fn dns_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    match webpki::EndEntityCert::try_from(cert) {
+        Ok(c) => c
+            .valid_dns_names()
+            .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Whether the certificate name `san` covers the route hostname `host`, as TLS clients check
+/// it: a name covers itself; a wildcard `*.example.com` covers exactly one more label
+/// (`a.example.com`, not `a.b.example.com` nor `example.com`). A wildcard hostname
+/// `*.example.com` (which routes every name under `example.com`) is covered only by the same
+/// wildcard. Case-insensitive; a trailing dot is ignored.
+pub fn san_covers(san: &str, host: &str) -> bool {
+    let san = san.trim_end_matches('.');
+    let host = host.trim_end_matches('.');
+    if san.eq_ignore_ascii_case(host) {
+        return true;
+    }
+    if host.starts_with("*.") {
+        return false;
+    }
+    match (san.strip_prefix("*."), host.split_once('.')) {
+        (Some(suffix), Some((label, rest))) => {
+            !label.is_empty() && !suffix.is_empty() && rest.eq_ignore_ascii_case(suffix)
+        }
+        _ => false,
+    }
+}
+
+/// The route hostnames that none of the certificate names `sans` covers.
+pub fn uncovered_hostnames<'a>(sans: &[String], hostnames: &'a [String]) -> Vec<&'a str> {
+    hostnames
+        .iter()
+        .filter(|h| !sans.iter().any(|s| san_covers(s, h)))
+        .map(String::as_str)
+        .collect()
+}
+
 /// A value of a Secret: `data` (already base64-decoded), else `stringData`.
 fn secret_value<'a>(secret: &'a Secret, key: &str) -> Option<&'a [u8]> {
     secret
@@ -570,6 +613,37 @@ pub(crate) mod tests {
     use super::*;
     use k8s_openapi::ByteString;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    #[test]
+    fn san_matching_follows_tls_client_rules() {
+        // Exact names, case-insensitive, trailing dot ignored.
+        assert!(san_covers("a.example", "a.example"));
+        assert!(san_covers("A.Example", "a.example."));
+        assert!(!san_covers("a.example", "b.example"));
+        // A wildcard covers exactly one more label.
+        assert!(san_covers("*.b.example", "x.b.example"));
+        assert!(!san_covers("*.b.example", "y.x.b.example"));
+        assert!(!san_covers("*.b.example", "b.example"));
+        assert!(!san_covers("*.example", "a.b.example"));
+        assert!(!san_covers("*.", "a"));
+        // A wildcard hostname needs the same wildcard in the certificate.
+        assert!(san_covers("*.b.example", "*.b.example"));
+        assert!(!san_covers("x.b.example", "*.b.example"));
+        assert!(!san_covers("*.example", "*.b.example"));
+    }
+
+    #[test]
+    fn uncovered_hostnames_are_read_from_the_certificate() {
+        let (pem, _) = self_signed(&["a.example", "*.w.example"]);
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let sans = dns_names(&der);
+        assert_eq!(sans, vec!["a.example", "*.w.example"]);
+        let hosts: Vec<String> = ["a.example", "x.w.example", "*.w.example", "b.example"]
+            .map(String::from)
+            .into();
+        assert_eq!(uncovered_hostnames(&sans, &hosts), vec!["b.example"]);
+        assert!(dns_names(&CertificateDer::from(vec![1, 2, 3])).is_empty());
+    }
 
     /// A self-signed certificate for `names` as `(cert_pem, key_pem)`.
     pub(crate) fn self_signed(names: &[&str]) -> (String, String) {

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """
 End-to-end test of ssegate in cluster mode: the REAL kubectl and the release ssegate binary
-against an API server, the issue's scenarios 1-6.
+against an API server, the controller issue's scenarios 1-6, and TLS from Secrets (scenario 7:
+SNI and h2 on the TLS listener, certificate rotation under an open stream, a bad certificate
+keeping the last good one, upstream TLS verified with a CA from an Opaque Secret).
+Certificates are made at test time with the openssl CLI.
 
     cargo build --release --bin ssegate --example sse-backend
     .venv/bin/python e2e/controller/run.py           # or: scripts/test
@@ -22,6 +25,8 @@ Prints one line per check and ends with "N passed, M failed"; exit status 1 on a
 """
 from __future__ import annotations
 
+import base64
+import http.server
 import json
 import os
 import pathlib
@@ -29,9 +34,12 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 import urllib.request
 
 import yaml
@@ -185,11 +193,12 @@ class Replica:
         self.name = name
         self.port = free_port()
         self.admin = free_port()
+        # Two replicas on one machine: each needs its own TLS port (the default
+        # 0.0.0.0:8443 would collide).
+        self.tls_port = free_port()
         args = [str(SSEGATE), 'run', '--listen', f'127.0.0.1:{self.port}',
                 '--admin', f'127.0.0.1:{self.admin}', '--class', CLASS,
-                # Two replicas on one machine: the default TLS listener (0.0.0.0:8443) would
-                # collide, and this suite does not test TLS.
-                '--listen-tls', 'off',
+                '--listen-tls', f'127.0.0.1:{self.tls_port}',
                 '--lease-name', LEASE, '--lease-namespace', NS,
                 '--lease-duration', f'{LEASE_DURATION:g}s', '--lease-renew-deadline', '3s',
                 '--lease-retry-period', f'{int(RETRY_PERIOD * 1000)}ms', '--identity', name]
@@ -431,6 +440,255 @@ def scenario_6(replicas: list[Replica], backend_port: int) -> None:
     check(http_code(follower.url('/feed')) == '503', 'the survivor routes (503 without endpoints)')
 
 
+# ------------------------------------------------------------------------------ TLS (scenario 7)
+
+CERTS = WORK / 'certs'
+
+
+def openssl(*args: str) -> None:
+    r = subprocess.run(['openssl', *args], cwd=CERTS, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise CheckFailed(f'openssl {" ".join(args)} failed: {r.stderr.strip()}')
+
+
+def make_ca(name: str) -> None:
+    """A throw-away CA: CERTS/<name>.crt and .key."""
+    CERTS.mkdir(parents=True, exist_ok=True)
+    openssl('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+            '-keyout', f'{name}.key', '-out', f'{name}.crt', '-days', '2', '-subj', f'/CN=ssegate e2e {name}',
+            '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign')
+
+
+def make_leaf(ca: str, name: str, dns: list[str]) -> tuple[str, str]:
+    """A certificate for the DNS names, signed by CA `ca`: (cert PEM, key PEM)."""
+    openssl('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+            '-keyout', f'{name}.key', '-out', f'{name}.csr', '-subj', f'/CN={dns[0]}')
+    (CERTS / f'{name}.ext').write_text(
+        'subjectAltName=' + ','.join(f'DNS:{d}' for d in dns) + '\nextendedKeyUsage=serverAuth\n')
+    openssl('x509', '-req', '-in', f'{name}.csr', '-CA', f'{ca}.crt', '-CAkey', f'{ca}.key',
+            '-CAcreateserial', '-days', '2', '-extfile', f'{name}.ext', '-out', f'{name}.crt')
+    return (CERTS / f'{name}.crt').read_text(), (CERTS / f'{name}.key').read_text()
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def secret_yaml(name: str, type_: str, data: dict[str, str]) -> str:
+    lines = ''.join(f'  {k}: {b64(v)}\n' for k, v in data.items())
+    return f'''apiVersion: v1
+kind: Secret
+metadata: {{name: {name}, namespace: {NS}}}
+type: {type_}
+data:
+{lines}'''
+
+
+def backend_objects(service: str, port: int, target: int) -> str:
+    """A Service and an EndpointSlice pointing at a local backend on `target`."""
+    return f'''apiVersion: v1
+kind: Service
+metadata: {{name: {service}, namespace: {NS}}}
+spec:
+  ports: [{{name: p, port: {port}, targetPort: {target}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {service}-local
+  namespace: {NS}
+  labels: {{kubernetes.io/service-name: {service}, endpointslice.kubernetes.io/managed-by: ssegate-e2e}}
+addressType: IPv4
+ports: [{{name: p, port: {target}, protocol: TCP}}]
+endpoints:
+- addresses: ["{BACKEND_IP}"]
+  conditions: {{ready: true}}
+'''
+
+
+def tls_route_yaml(name: str, hosts: list[str], secret: str) -> str:
+    return f'''apiVersion: ssegate.io/v1alpha1
+kind: SseRoute
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  className: {CLASS}
+  hostnames: [{", ".join(hosts)}]
+  tls: {{secretName: {secret}}}
+  rules:
+  - match: {{path: /secure}}
+    backend: {{service: secure, port: 80, rewritePath: /events}}
+'''
+
+
+def upstream_route_yaml() -> str:
+    return f'''apiVersion: ssegate.io/v1alpha1
+kind: SseRoute
+metadata: {{name: upstream-tls, namespace: {NS}}}
+spec:
+  className: {CLASS}
+  rules:
+  - match: {{path: /upstream}}
+    backend:
+      service: secure-backend
+      port: 443
+      rewritePath: /events
+      tls: {{enabled: true, caSecretName: backend-ca, serverName: backend.internal}}
+'''
+
+
+def served_cert(port: int, sni: str, cafile: pathlib.Path) -> bytes:
+    """DER of the certificate the TLS listener serves for `sni` (verified against `cafile`,
+    including the name)."""
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    with socket.create_connection(('127.0.0.1', port), timeout=3) as sock:
+        with ctx.wrap_socket(sock, server_hostname=sni) as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def der(pem: str) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem)
+
+
+class HttpsSseBackend:
+    """An HTTPS (HTTP/1.0, close-delimited) SSE backend on BACKEND_IP: `GET /events?count=K`
+    sends `id: N` / `data: secure N` every 100 ms."""
+
+    def __init__(self, crt: pathlib.Path, key: pathlib.Path):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+                count = int(query.get('count', ['1000000'])[0])
+                self.send_response(200)
+                self.send_header('Content-Type', 'text/event-stream')
+                self.send_header('Cache-Control', 'no-cache')
+                self.end_headers()
+                try:
+                    for n in range(1, count + 1):
+                        self.wfile.write(f'id: {n}\ndata: secure {n}\n\n'.encode())
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                except (OSError, ssl.SSLError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass  # refused handshakes (the wrong-CA check) are expected
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(crt), str(key))
+        self.server = Server((BACKEND_IP, 0), Handler)
+        # The handshake runs in the request's thread, so a failing client cannot stall accept.
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True,
+                                             do_handshake_on_connect=False)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def curl_tls(port: int, host: str, path: str, cafile: pathlib.Path, seconds: float = 5) -> tuple[list[str], str]:
+    """Event ids and the HTTP version of `curl --http2` over the TLS listener, with SNI `host`."""
+    r = subprocess.run(['curl', '-sN', '--http2', '-m', str(seconds), '--cacert', str(cafile),
+                        '--resolve', f'{host}:{port}:127.0.0.1', '-w', '\n%{http_version}',
+                        f'https://{host}:{port}{path}'], capture_output=True, text=True)
+    lines = r.stdout.splitlines()
+    return [line for line in lines if line.startswith('id:')], (lines[-1] if lines else '')
+
+
+def scenario_7(replicas: list[Replica], backend_port: int) -> None:
+    log('7: TLS from Secrets (SNI, h2, rotation, a bad certificate, upstream TLS with an Opaque CA)')
+    r = next(x for x in replicas if x.proc.poll() is None)
+    make_ca('edge-ca')
+    cafile = CERTS / 'edge-ca.crt'
+    host = 'secure.example'
+    crt1, key1 = make_leaf('edge-ca', 'secure-1', [host])
+    apply(secret_yaml('secure-tls', 'kubernetes.io/tls', {'tls.crt': crt1, 'tls.key': key1}))
+    apply(backend_objects('secure', 80, backend_port))
+    # other.example is not in the certificate: served anyway, with a warning on the status.
+    apply(tls_route_yaml('secure', [host, 'other.example'], 'secure-tls'))
+    obj = wait_for(lambda: condition(o := route_obj('secure'), 'Ready').get('status') == 'True' and o,
+                   'the TLS route is Ready', timeout=15)
+    acc = condition(obj, 'Accepted')
+    check(acc.get('status') == 'True' and 'does not cover other.example' in acc.get('message', ''),
+          'the TLS route is Accepted; its message says the certificate does not cover other.example',
+          json.dumps(acc))
+    got = wait_for(lambda: served_cert(r.tls_port, host, cafile), f'a TLS handshake with SNI {host}')
+    check(got == der(crt1), f'SNI {host} gets the certificate of Secret secure-tls')
+    try:
+        served_cert(r.tls_port, 'unknown.example', cafile)
+        check(False, 'a name no route covers (and no default certificate) fails the handshake')
+    except (ssl.SSLError, OSError):
+        ok('a name no route covers (and no default certificate) fails the handshake')
+    ids, version = curl_tls(r.tls_port, host, '/secure?interval=100ms&count=3', cafile)
+    check(len(ids) == 3 and version == '2', 'curl --http2 over TLS receives the events on HTTP/2',
+          f'{ids} over HTTP/{version}')
+
+    log('7: rotate the certificate while a stream is open')
+    path = WORK / 'tls-stream.out'
+    out = open(path, 'w')
+    stream = subprocess.Popen(['curl', '-sN', '--http2', '--cacert', str(cafile), '--resolve',
+                               f'{host}:{r.tls_port}:127.0.0.1', f'https://{host}:{r.tls_port}/secure?interval=100ms'],
+                              stdout=out, stderr=subprocess.DEVNULL, start_new_session=True)
+    CHILDREN.append(stream)
+    wait_for(lambda: count_events(path) >= 2, 'the stream over TLS flows')
+    crt2, key2 = make_leaf('edge-ca', 'secure-2', [host])
+    apply(secret_yaml('secure-tls', 'kubernetes.io/tls', {'tls.crt': crt2, 'tls.key': key2}))
+    wait_for(lambda: served_cert(r.tls_port, host, cafile) == der(crt2),
+             'new handshakes get the rotated certificate')
+    ok('new handshakes get the rotated certificate')
+    before = count_events(path)
+    time.sleep(1.0)
+    after = count_events(path)
+    check(stream.poll() is None and after >= before + 5,
+          'the stream opened before the rotation keeps receiving', f'{before} -> {after} events')
+
+    log('7: a bad certificate')
+    crt3, _ = make_leaf('edge-ca', 'secure-3', [host])
+    apply(secret_yaml('secure-tls', 'kubernetes.io/tls', {'tls.crt': crt3, 'tls.key': key2}))
+    obj = wait_for(lambda: condition(o := route_obj('secure'), 'Accepted').get('reason') == 'InvalidCertificate' and o,
+                   'the route reports the bad certificate', timeout=15)
+    acc = condition(obj, 'Accepted')
+    check(acc.get('status') == 'False' and 'secure-tls' in acc.get('message', ''),
+          'a key that does not match: Accepted=False, reason InvalidCertificate, names the Secret', json.dumps(acc))
+    check(served_cert(r.tls_port, host, cafile) == der(crt2), 'the last good certificate is still served')
+    before = count_events(path)
+    time.sleep(0.6)
+    check(stream.poll() is None and count_events(path) > before, 'the open stream still flows')
+    stream.terminate()
+
+    log('7: upstream TLS with a CA bundle from an Opaque Secret')
+    make_ca('backend-ca')
+    make_leaf('backend-ca', 'backend', ['backend.internal'])
+    https = HttpsSseBackend(CERTS / 'backend.crt', CERTS / 'backend.key')
+    try:
+        apply(backend_objects('secure-backend', 443, https.port))
+        apply(upstream_route_yaml())
+        wait_for(lambda: condition(route_obj('upstream-tls'), 'ResolvedRefs').get('reason') == 'SecretNotFound',
+                 'the route reports the missing CA Secret', timeout=15)
+        ok('without the CA Secret: ResolvedRefs=False, SecretNotFound')
+        # An Opaque Secret, as CA bundles usually are; keys ssegate does not read are ignored.
+        apply(secret_yaml('backend-ca', 'Opaque', {'ca.crt': (CERTS / 'backend-ca.crt').read_text(),
+                                                   'note': 'not read by ssegate'}))
+        wait_for(lambda: condition(route_obj('upstream-tls'), 'ResolvedRefs').get('status') == 'True',
+                 'the Opaque CA Secret resolves', timeout=15)
+        ok('the Opaque CA Secret is seen: ResolvedRefs=True')
+        events = wait_for(lambda: curl_events(r.url('/upstream?count=3'), 3), 'events from the HTTPS backend')
+        check(len(events) == 3, 'events relayed from the HTTPS backend, verified with the Opaque CA', repr(events))
+        # A CA that did not sign the backend's certificate: the handshake is refused.
+        make_ca('other-ca')
+        apply(secret_yaml('backend-ca', 'Opaque', {'ca.crt': (CERTS / 'other-ca.crt').read_text()}))
+        wait_for(lambda: http_code(r.url('/upstream?count=1')) == '502', 'a wrong CA answers 502', timeout=15)
+        ok('the CA Secret changed to a CA that did not sign the backend: 502')
+    finally:
+        https.close()
+
+
 def check_rbac() -> None:
     """Every request ssegate made is allowed by the RBAC that manifests/install/ (generated from
     the chart) grants the Deployment's ServiceAccount: ClusterRoles in every namespace, Roles only
@@ -497,6 +755,7 @@ def main() -> int:
         scenario_4(replicas, backend_port)
         scenario_5(replicas)
         scenario_6(replicas, backend_port)
+        scenario_7(replicas, backend_port)
         if not REAL:
             check_rbac()
     except CheckFailed as e:

@@ -704,6 +704,7 @@ pub fn bad_route_report(b: &BadRoute) -> RouteReport {
             CondState::fail(READY, "NotAccepted", "the route is not served"),
         ],
         ready_endpoints: 0,
+        warnings: Vec::new(),
     }
 }
 

@@ -65,6 +65,9 @@ pub struct RouteReport {
     pub conditions: Vec<CondState>,
     /// Ready endpoints summed over rules.
     pub ready_endpoints: u32,
+    /// Problems that do not stop the route from being served (e.g. a certificate that does
+    /// not cover one of its hostnames): logged, and added to the `Accepted` message.
+    pub warnings: Vec<String>,
 }
 
 impl RouteReport {
@@ -148,6 +151,7 @@ mod tests {
                     CondState::fail(READY, "NoReadyEndpoints", "none")
                 },
             ],
+            warnings: Vec::new(),
             ready_endpoints: u32::from(ready),
         }
     }

@@ -186,6 +186,7 @@ mod tests {
                 },
             ],
             ready_endpoints: u32::from(ready),
+            warnings: Vec::new(),
         }
     }
 
