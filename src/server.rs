@@ -373,14 +373,24 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
         tls_addr,
     } = Listeners::bind(&cfg).await?;
 
-    let mut publisher = Publisher::new(
-        table.clone(),
-        cfg.compile.clone(),
-        metrics.clone(),
-        ready.clone(),
-    );
+    // The --default-cert pair (checked at bind time) is re-read with every load as a Secret,
+    // so editing the files reloads it like any certificate (a bad edit keeps the last good).
+    let mut compile = cfg.compile.clone();
+    let default_cert = cfg
+        .default_cert
+        .clone()
+        .filter(|_| tls_addr.is_some() && compile.default_cert_secret.is_none());
+    let fallback = match default_cert {
+        Some(_) => {
+            let (ns, name) = files::DEFAULT_CERT_SECRET;
+            compile.default_cert_secret = Some(format!("{ns}/{name}"));
+            None
+        }
+        None => fallback,
+    };
+    let mut publisher = Publisher::new(table.clone(), compile, metrics.clone(), ready.clone());
     // The first load happens before serving, so the first request sees the configuration.
-    let (fp, first) = files::load_dir_fingerprinted(&dir);
+    let (fp, first) = files::load_dir_fingerprinted(&dir, default_cert.as_ref());
     on_load(&mut publisher, first);
 
     let mut tasks = JoinSet::new();
@@ -399,6 +409,7 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
     )?;
     tasks.spawn(files::watch(
         dir,
+        default_cert,
         Some(fp),
         cfg.reload_poll,
         cfg.reload_debounce,

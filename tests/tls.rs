@@ -358,6 +358,51 @@ async fn sni_picks_the_certificate_of_each_hostname_wildcard_and_default() {
 }
 
 #[tokio::test]
+async fn default_certificate_files_reload_and_a_bad_edit_keeps_the_last_good() {
+    // Outside the config directory: noticed by the periodic re-check.
+    let files = tempfile::tempdir().unwrap();
+    let (crt, key) = (files.path().join("d.crt"), files.path().join("d.key"));
+    let first = Ca::new().leaf(&["default.invalid"]);
+    std::fs::write(&crt, &first.crt).unwrap();
+    std::fs::write(&key, &first.key).unwrap();
+    let pair = (crt.clone(), key.clone());
+    let s = setup(move |c, _, _| c.default_cert = Some(pair)).await;
+    let addr = s.tls_addr();
+    assert_eq!(
+        served_cert(addr, "unknown.example").await.unwrap(),
+        first.der()
+    );
+
+    let second = Ca::new().leaf(&["default.invalid"]);
+    std::fs::write(&crt, &second.crt).unwrap();
+    std::fs::write(&key, &second.key).unwrap();
+    let want = second.der();
+    eventually("the edited default certificate is served", || {
+        let want = want.clone();
+        async move { served_cert(addr, "unknown.example").await == Some(want) }
+    })
+    .await;
+    // Routes' certificates are unaffected.
+    assert_eq!(
+        served_cert(addr, "a.example").await.unwrap(),
+        secret_leaf(&s.cfg, "a-cert.yaml")
+    );
+
+    // A key that does not belong to the certificate: reloaded, refused, last good kept.
+    let reloads = r#"ssegate_config_reloads_total{result="success"}"#;
+    let before = sample(&metrics(&s.ss).await, reloads).unwrap();
+    std::fs::write(&key, &first.key).unwrap();
+    eventually("the bad edit is loaded", || async {
+        sample(&metrics(&s.ss).await, reloads).unwrap() > before
+    })
+    .await;
+    assert_eq!(
+        served_cert(addr, "unknown.example").await.unwrap(),
+        second.der()
+    );
+}
+
+#[tokio::test]
 async fn unknown_name_without_default_fails_the_handshake() {
     let s = setup(|_, _, _| {}).await;
     assert!(served_cert(s.tls_addr(), "unknown.example").await.is_none());

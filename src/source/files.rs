@@ -54,6 +54,15 @@ pub const KEY_FILE_ANNOTATION: &str = "ssegate.io/tls-key-file";
 /// Standalone-mode Secret annotation: PEM CA certificates file, loaded as `ca.crt`.
 pub const CA_FILE_ANNOTATION: &str = "ssegate.io/ca-file";
 
+/// Namespace and name of the Secret that stands for `--default-cert`/`--default-key` in
+/// standalone mode: the files are read on every load into this Secret, which the compile step
+/// uses as the default certificate, so an edited pair is reloaded (and a bad edit keeps the
+/// last good one) like any Secret. Not a valid Kubernetes name, so no manifest collides.
+pub const DEFAULT_CERT_SECRET: (&str, &str) = ("ssegate", "--default-cert");
+
+/// `--default-cert` and `--default-key`: PEM certificate chain and key files.
+pub type DefaultCertFiles = (PathBuf, PathBuf);
+
 /// A successful load of a directory.
 #[derive(Clone, Debug, Default)]
 pub struct Loaded {
@@ -102,12 +111,22 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, Vec<LoadError>> {
 
 /// Loads `dir` and fingerprints it: the manifests' names and contents plus the contents of
 /// the PEM files Secrets reference (as this load read them), so a certificate file edited
-/// outside the directory is noticed too.
-pub fn load_dir_fingerprinted(dir: &Path) -> (u64, Result<Loaded, Vec<LoadError>>) {
+/// outside the directory is noticed too. With `default_cert`, those two files are read as
+/// the Secret [`DEFAULT_CERT_SECRET`] and fingerprinted too; a file that cannot be read is a
+/// load error.
+pub fn load_dir_fingerprinted(
+    dir: &Path,
+    default_cert: Option<&DefaultCertFiles>,
+) -> (u64, Result<Loaded, Vec<LoadError>>) {
     // Manifests are fingerprinted before loading: a change racing with the load is then
     // seen as a change on the next check.
     let fp = fingerprint(dir);
-    let result = load_dir(dir);
+    let mut result = load_dir(dir);
+    if let (Ok(loaded), Some(files)) = (&mut result, default_cert)
+        && let Err(e) = add_default_cert(loaded, files)
+    {
+        result = Err(vec![e]);
+    }
     let extra = result.as_ref().map_or(0, |l| l.referenced_files_hash);
     let mut h = DefaultHasher::new();
     (fp, extra).hash(&mut h);
@@ -240,6 +259,41 @@ fn add_object(value: Value, path: &Path, loaded: &mut Loaded) -> Result<(), Stri
     Ok(())
 }
 
+/// Reads the `--default-cert`/`--default-key` files into the Secret [`DEFAULT_CERT_SECRET`].
+fn add_default_cert(loaded: &mut Loaded, (cert, key): &DefaultCertFiles) -> Result<(), LoadError> {
+    use k8s_openapi::ByteString;
+    let mut hasher = DefaultHasher::new();
+    loaded.referenced_files_hash.hash(&mut hasher);
+    let mut data = std::collections::BTreeMap::new();
+    for (flag, path, k) in [
+        ("--default-cert", cert, crate::tls::TLS_CRT),
+        ("--default-key", key, crate::tls::TLS_KEY),
+    ] {
+        let bytes = std::fs::read(path).map_err(|e| LoadError {
+            path: path.clone(),
+            reason: format!("{flag}: cannot read file: {e}"),
+        })?;
+        bytes.hash(&mut hasher);
+        data.insert(k.to_string(), ByteString(bytes));
+    }
+    loaded.referenced_files_hash = hasher.finish();
+    let (namespace, name) = DEFAULT_CERT_SECRET;
+    loaded
+        .snapshot
+        .secrets
+        .push(k8s_openapi::api::core::v1::Secret {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some(namespace.into()),
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            type_: Some(crate::tls::SECRET_TYPE_TLS.into()),
+            data: Some(data),
+            ..Default::default()
+        });
+    Ok(())
+}
+
 /// Folds `stringData` into `data` and reads annotated PEM files into `data`.
 fn resolve_secret(
     secret: &mut k8s_openapi::api::core::v1::Secret,
@@ -329,9 +383,12 @@ fn redact_quoted(msg: &str) -> String {
 /// Watches `dir` and calls `on_load` with every changed load result. `loaded` is the
 /// fingerprint of a load the caller already did (it is not repeated). Changes are noticed through filesystem notifications and, as a fallback for
 /// filesystems without them, a poll every `poll`; bursts are coalesced for `debounce`.
-/// Unchanged contents never trigger a reload. Runs until the task is dropped.
+/// Unchanged contents never trigger a reload. `default_cert` files are read on every load
+/// (see [`load_dir_fingerprinted`]); outside `dir`, their changes are noticed by the poll.
+/// Runs until the task is dropped.
 pub async fn watch(
     dir: PathBuf,
+    default_cert: Option<DefaultCertFiles>,
     loaded: Option<u64>,
     poll: Duration,
     debounce: Duration,
@@ -351,8 +408,9 @@ pub async fn watch(
             }
         }
         let d = dir.clone();
+        let dc = default_cert.clone();
         let Ok((fp, result)) =
-            tokio::task::spawn_blocking(move || load_dir_fingerprinted(&d)).await
+            tokio::task::spawn_blocking(move || load_dir_fingerprinted(&d, dc.as_ref())).await
         else {
             continue;
         };
@@ -492,6 +550,38 @@ mod tests {
     }
 
     #[test]
+    fn default_cert_files_are_loaded_as_a_secret_and_fingerprinted() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = tempfile::tempdir().unwrap();
+        let pair = (files.path().join("d.crt"), files.path().join("d.key"));
+        std::fs::write(&pair.0, "CERT-1").unwrap();
+        std::fs::write(&pair.1, "KEY-1").unwrap();
+        let (fp1, l) = load_dir_fingerprinted(dir.path(), Some(&pair));
+        let secrets = l.unwrap().snapshot.secrets;
+        assert_eq!(secrets.len(), 1);
+        let s = &secrets[0];
+        let (ns, name) = DEFAULT_CERT_SECRET;
+        assert_eq!(
+            (s.metadata.namespace.as_deref(), s.metadata.name.as_deref()),
+            (Some(ns), Some(name))
+        );
+        assert_eq!(s.data.as_ref().unwrap()["tls.key"].0, b"KEY-1");
+        std::fs::write(&pair.0, "CERT-2").unwrap();
+        let (fp2, _) = load_dir_fingerprinted(dir.path(), Some(&pair));
+        assert_ne!(fp1, fp2, "an edited file is a change");
+        std::fs::remove_file(&pair.1).unwrap();
+        let errs = load_dir_fingerprinted(dir.path(), Some(&pair))
+            .1
+            .unwrap_err();
+        assert!(
+            errs[0].reason.starts_with("--default-key: cannot read"),
+            "{}",
+            errs[0].reason
+        );
+        assert_eq!(errs[0].path, pair.1);
+    }
+
+    #[test]
     fn secrets_merge_string_data_and_read_annotated_pem_files() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("certs")).unwrap();
@@ -499,7 +589,7 @@ mod tests {
         std::fs::write(dir.path().join("certs/a.key"), "KEY-1").unwrap();
         let manifest = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: a\n  annotations:\n    ssegate.io/tls-cert-file: certs/a.crt\n    ssegate.io/tls-key-file: certs/a.key\ntype: kubernetes.io/tls\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: b}\ndata: {ca.crt: Q0E=}\nstringData: {tls.crt: inline}\n";
         std::fs::write(dir.path().join("secrets.yaml"), manifest).unwrap();
-        let (fp1, l) = load_dir_fingerprinted(dir.path());
+        let (fp1, l) = load_dir_fingerprinted(dir.path(), None);
         let l = l.unwrap();
         let value = |i: usize, k: &str| {
             String::from_utf8(l.snapshot.secrets[i].data.as_ref().unwrap()[k].0.clone()).unwrap()
@@ -510,9 +600,9 @@ mod tests {
         assert_eq!(value(1, "tls.crt"), "inline");
         // Editing only the PEM file changes the fingerprint.
         std::fs::write(dir.path().join("certs/a.crt"), "CERT-2").unwrap();
-        let (fp2, _) = load_dir_fingerprinted(dir.path());
+        let (fp2, _) = load_dir_fingerprinted(dir.path(), None);
         assert_ne!(fp1, fp2);
-        assert_eq!(load_dir_fingerprinted(dir.path()).0, fp2);
+        assert_eq!(load_dir_fingerprinted(dir.path(), None).0, fp2);
         std::fs::remove_file(dir.path().join("certs/a.key")).unwrap();
         let errs = load_dir(dir.path()).unwrap_err();
         assert!(
