@@ -212,9 +212,33 @@ pub async fn serve(
             }
             Head::Closed => return None,
         };
-        match conn.exchange(*req, keep_alive).await {
-            Ok(true) => {}
-            Ok(false) => {
+        let head_only = req.method() == Method::HEAD;
+        let version = req.version();
+        // The body is held in one place (the task) while it streams; everything else of the
+        // response is written into the head right away. (The block ends the borrowed
+        // bindings' storage, so the task does not keep a second slot for the body.)
+        let (mut out, framing, keep_alive, body) = {
+            let Some(resp) = conn.forward(req).await else {
+                tracing::debug!(peer = %conn.peer, "client left before the response");
+                return None;
+            };
+            let keep_alive = keep_alive && !drain_window_open(&conn.proxy.drain);
+            let (parts, body) = resp.into_parts();
+            let (head, framing, keep_alive) =
+                response_head(parts, &body, head_only, version, keep_alive);
+            (Out::new(head), framing, keep_alive, body)
+        };
+        let res = if framing == Framing::None {
+            // Nothing of the body is sent: drop it now (closing its upstream).
+            drop(body);
+            poll_fn(|cx| conn.poll_write_out(cx, &mut out)).await
+        } else {
+            let body = std::pin::pin!(body);
+            conn.stream(body, &mut out, framing).await
+        };
+        match res {
+            Ok(()) if keep_alive => {}
+            Ok(()) => {
                 let _ = conn.io.shutdown().await;
                 return None;
             }
@@ -224,6 +248,83 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// The head of `parts` (the response to a request of `version`, `head_only` for `HEAD`), its
+/// body framing, and whether the connection stays open after it.
+fn response_head(
+    parts: http::response::Parts,
+    body: &ProxyBody,
+    head_only: bool,
+    version: Version,
+    mut keep_alive: bool,
+) -> (Vec<u8>, Framing, bool) {
+    let status = parts.status;
+    let mut headers = parts.headers;
+    if headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| has_token(v.as_bytes(), "close"))
+    {
+        keep_alive = false;
+    }
+    headers.remove(header::CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    let bodyless_status = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let declared = headers.get(header::CONTENT_LENGTH).map(|v| {
+        std::str::from_utf8(v.as_bytes())
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+    });
+    let mut framing = match declared {
+        Some(Some(n)) if !bodyless_status => Framing::Length(n),
+        Some(_) => {
+            headers.remove(header::CONTENT_LENGTH);
+            Framing::Chunked
+        }
+        None => match body.size_hint().exact() {
+            Some(n) if !bodyless_status => {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                Framing::Length(n)
+            }
+            _ => Framing::Chunked,
+        },
+    };
+    if framing == Framing::Chunked && !bodyless_status && !head_only {
+        if version == Version::HTTP_11 {
+            headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        } else {
+            // HTTP/1.0 knows no chunks: the end of the body is the end of the connection.
+            framing = Framing::Close;
+            keep_alive = false;
+        }
+    }
+    if head_only || bodyless_status {
+        framing = Framing::None;
+    }
+    let mut head = Vec::with_capacity(64 + headers.len() * 40);
+    status_line(&mut head, status);
+    for (name, value) in &headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive {
+        head.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        head.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    if !headers.contains_key(header::DATE) {
+        date_header(&mut head);
+    }
+    head.extend_from_slice(b"\r\n");
+    (head, framing, keep_alive)
 }
 
 impl Conn {
@@ -315,119 +416,32 @@ impl Conn {
         }
     }
 
-    /// Serves one request: forwards it (watching for the client to leave meanwhile) and
-    /// writes the response. `Ok(true)`: the connection stays open for the next request.
-    async fn exchange(&mut self, req: Request<()>, keep_alive: bool) -> io::Result<bool> {
-        let head_only = req.method() == Method::HEAD;
-        let version = req.version();
+    /// Forwards `req` through [`Proxy::handle_conn`], watching for the client to leave
+    /// meanwhile (`None`: it left, and the exchange was abandoned).
+    async fn forward(&mut self, req: Box<Request<()>>) -> Option<Response<ProxyBody>> {
         let req = req.map(|()| Either::Right(Empty::new()));
         // Boxed: the forward future (connect, handshake, first byte) is large and lives only
         // until the response head; the connection's task keeps only what streams.
         let mut forward = Box::pin(self.proxy.handle_conn(req, self.peer, self.state.clone()));
-        let resp = poll_fn(|cx| {
+        poll_fn(|cx| {
             if poll_client(cx, self.io.get_ref(), &mut self.buf, self.limit).is_ready() {
                 return Poll::Ready(None);
             }
             forward.as_mut().poll(cx).map(Some)
         })
-        .await;
-        drop(forward);
-        let Some(resp) = resp else {
-            tracing::debug!(peer = %self.peer, "client left before the response");
-            return Ok(false);
-        };
-        let keep_alive = keep_alive && !drain_window_open(&self.proxy.drain);
-        self.respond(resp, head_only, version, keep_alive).await
+        .await
     }
 
-    /// Writes `resp`: its head, then its body as the body yields it. `Ok(true)` when the
-    /// response is complete and the connection may carry another request.
-    async fn respond(
+    /// Writes `out` (the response head), then `body` as it yields frames, delimited by
+    /// `framing`; fails if the client leaves or the body fails.
+    async fn stream(
         &mut self,
-        resp: Response<ProxyBody>,
-        head_only: bool,
-        version: Version,
-        mut keep_alive: bool,
-    ) -> io::Result<bool> {
-        let (parts, body) = resp.into_parts();
-        let status = parts.status;
-        let mut headers = parts.headers;
-        if headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| has_token(v.as_bytes(), "close"))
-        {
-            keep_alive = false;
-        }
-        headers.remove(header::CONNECTION);
-        headers.remove(header::TRANSFER_ENCODING);
-        let bodyless_status = status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED;
-        let declared = headers.get(header::CONTENT_LENGTH).map(|v| {
-            std::str::from_utf8(v.as_bytes())
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-        });
-        let mut framing = match declared {
-            Some(Some(n)) if !bodyless_status => Framing::Length(n),
-            Some(_) => {
-                headers.remove(header::CONTENT_LENGTH);
-                Framing::Chunked
-            }
-            None => match body.size_hint().exact() {
-                Some(n) if !bodyless_status => {
-                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-                    Framing::Length(n)
-                }
-                _ => Framing::Chunked,
-            },
-        };
-        if framing == Framing::Chunked && !bodyless_status && !head_only {
-            if version == Version::HTTP_11 {
-                headers.insert(
-                    header::TRANSFER_ENCODING,
-                    HeaderValue::from_static("chunked"),
-                );
-            } else {
-                // HTTP/1.0 knows no chunks: the end of the body is the end of the connection.
-                framing = Framing::Close;
-                keep_alive = false;
-            }
-        }
-        if head_only || bodyless_status {
-            framing = Framing::None;
-        }
-
-        let mut head = Vec::with_capacity(64 + headers.len() * 40);
-        status_line(&mut head, status);
-        for (name, value) in &headers {
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
-        }
-        if !keep_alive {
-            head.extend_from_slice(b"connection: close\r\n");
-        } else if version == Version::HTTP_10 {
-            head.extend_from_slice(b"connection: keep-alive\r\n");
-        }
-        if !headers.contains_key(header::DATE) {
-            date_header(&mut head);
-        }
-        head.extend_from_slice(b"\r\n");
-        drop(headers);
-
-        let mut out = Out::new(head);
-        if framing == Framing::None {
-            // Nothing of the body is sent: drop it now (closing its upstream).
-            drop(body);
-            poll_fn(|cx| self.poll_write_out(cx, &mut out)).await?;
-            return Ok(keep_alive);
-        }
-        let mut body = std::pin::pin!(body);
+        mut body: Pin<&mut ProxyBody>,
+        out: &mut Out,
+        mut framing: Framing,
+    ) -> io::Result<()> {
         let mut ended = false;
-        let complete = poll_fn(|cx| {
+        poll_fn(|cx| {
             loop {
                 if poll_client(cx, self.io.get_ref(), &mut self.buf, self.limit).is_ready() {
                     return Poll::Ready(Err(io::Error::new(
@@ -441,7 +455,7 @@ impl Conn {
                     match body.as_mut().poll_frame(cx) {
                         Poll::Ready(Some(Ok(frame))) => {
                             if let Ok(data) = frame.into_data() {
-                                framing.frame(&mut out, data)?;
+                                framing.frame(out, data)?;
                             }
                         }
                         Poll::Ready(Some(Err(e))) => {
@@ -450,7 +464,7 @@ impl Conn {
                         }
                         Poll::Ready(None) => {
                             ended = true;
-                            framing.end(&mut out)?;
+                            framing.end(out)?;
                         }
                         Poll::Pending => {}
                     }
@@ -462,12 +476,10 @@ impl Conn {
                         Poll::Pending
                     };
                 }
-                std::task::ready!(self.poll_write_out(cx, &mut out))?;
+                std::task::ready!(self.poll_write_out(cx, out))?;
             }
         })
-        .await;
-        complete?;
-        Ok(keep_alive && framing != Framing::Close)
+        .await
     }
 
     /// Writes `out` until it is empty.
@@ -853,5 +865,33 @@ mod tests {
         let s = String::from_utf8(v).unwrap();
         assert!(s.starts_with("date: ") && s.ends_with(" GMT\r\n"), "{s:?}");
         assert_eq!(s.len(), "date: Sun, 06 Nov 1994 08:49:37 GMT\r\n".len());
+    }
+
+    /// The connection's task is what an idle stream costs on the client side: it holds the
+    /// response body and a few small structs, never the forward future (boxed and freed
+    /// once the head is there) nor a second copy of the body.
+    #[tokio::test]
+    async fn the_connection_task_stays_small() {
+        let table = Arc::new(arc_swap::ArcSwap::from_pointee(
+            crate::routing::RouteTable::empty(),
+        ));
+        let proxy = Arc::new(Proxy::new(
+            table,
+            Default::default(),
+            crate::metrics::Metrics::new(),
+            Default::default(),
+        ));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let state = Arc::new(ConnState::default());
+        let task = serve(
+            proxy,
+            WriteTimeout::new(s, state.clone()),
+            "127.0.0.1:1".parse().unwrap(),
+            state,
+        );
+        let size = std::mem::size_of_val(&task);
+        let body = std::mem::size_of::<ProxyBody>();
+        assert!(size < body + 768, "task {size} B, body {body} B");
     }
 }
