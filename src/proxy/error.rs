@@ -70,6 +70,15 @@ pub enum ProxyError {
         /// What hyper saw.
         source: hyper::Error,
     },
+    /// The upstream broke the HTTP/1.1 exchange before its response headers, or sent an
+    /// invalid or oversized head (502); cleartext HTTP/1.1 upstreams.
+    #[error("upstream {backend} failed: {source}")]
+    UpstreamH1 {
+        /// `namespace/service:port`.
+        backend: String,
+        /// What the client saw.
+        source: super::h1client::Error,
+    },
     /// A poll backend's 2xx answer is not the JSON poll protocol (502).
     #[error("poll backend {backend} sent an invalid answer: {reason}")]
     InvalidPollResponse {
@@ -104,6 +113,7 @@ impl ProxyError {
             }
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
+            | ProxyError::UpstreamH1 { .. }
             | ProxyError::InvalidPollResponse { .. }
             | ProxyError::UpstreamTls { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::FirstByteTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -127,7 +137,7 @@ impl ProxyError {
                 timed_out: true, ..
             } => "connect_timeout",
             ProxyError::FirstByteTimeout { .. } => "first_byte_timeout",
-            ProxyError::Upstream { .. } => "protocol",
+            ProxyError::Upstream { .. } | ProxyError::UpstreamH1 { .. } => "protocol",
             ProxyError::InvalidPollResponse { .. } => "invalid_response",
             ProxyError::UpstreamTls { .. } => "upstream_tls",
             ProxyError::BadRequest(_) => "bad_request",
@@ -142,6 +152,7 @@ impl ProxyError {
                 | ProxyError::Connect { .. }
                 | ProxyError::FirstByteTimeout { .. }
                 | ProxyError::Upstream { .. }
+                | ProxyError::UpstreamH1 { .. }
                 | ProxyError::InvalidPollResponse { .. }
                 | ProxyError::UpstreamTls { .. }
         )
@@ -234,6 +245,14 @@ mod tests {
                 },
                 504,
                 "first_byte_timeout",
+            ),
+            (
+                ProxyError::UpstreamH1 {
+                    backend: "b".into(),
+                    source: super::super::h1client::Error::IncompleteBody,
+                },
+                502,
+                "protocol",
             ),
             (
                 ProxyError::InvalidPollResponse {

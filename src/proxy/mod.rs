@@ -9,6 +9,7 @@
 pub mod drain;
 pub mod error;
 pub mod front;
+pub mod h1client;
 pub mod io;
 pub mod limits;
 pub mod relay;
@@ -20,7 +21,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use futures_util::future::poll_fn;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
@@ -40,21 +40,16 @@ use drain::{Drain, DrainBody};
 use error::ProxyError;
 use io::{ConnState, Rewind, WriteTimeout};
 use limits::{ClientLimiter, ClientLimits, ClientRefusal, ConnectionLimit};
-use relay::{DriveConn, EndpointBody, RelayBody, RelayTimers, StreamGuard};
-pub use upstream::UpstreamConn;
+use relay::{EndpointBody, RelayBody, RelayTimers, StreamGuard};
+pub use upstream::{UpstreamBody, UpstreamConn};
 
 /// Endpoints tried per request before answering 502.
 pub(crate) const CONNECT_ATTEMPTS: usize = 3;
 
 /// Response body of the proxy: a short generated (or passed-through) body, a relayed
 /// upstream body, or the event stream of a poll route.
-pub type ProxyBody = Either<
-    Full<Bytes>,
-    Either<
-        RelayBody<EndpointBody<DriveConn<UpstreamConn<ClientBody>, Incoming>>>,
-        DrainBody<PollBody>,
-    >,
->;
+pub type ProxyBody =
+    Either<Full<Bytes>, Either<RelayBody<EndpointBody<UpstreamBody>>, DrainBody<PollBody>>>;
 
 /// Request body handed to [`Proxy::forward`]: hyper's streamed body (connections served by
 /// hyper: HTTP/2, TLS, and HTTP/1.1 requests with a body or an upgrade), or none (requests
@@ -451,38 +446,9 @@ impl Proxy {
         let (stream, lease) = connect(&rule, plan).await.map_err(fail)?;
         let upstream_req =
             upstream_request(req, &rule, &host, peer, self.config.scheme).map_err(fail)?;
-        let upstream_req = upstream::prepare_request(&rule, upstream_req).map_err(fail)?;
-
-        let (mut sender, conn) = upstream::handshake(&rule, stream).await.map_err(fail)?;
-        let mut conn = Box::pin(conn);
-        let mut conn_done = false;
-        let mut send = std::pin::pin!(sender.send_request(upstream_req));
-        let exchange = poll_fn(|cx| {
-            if !conn_done && let std::task::Poll::Ready(res) = conn.as_mut().poll(cx) {
-                conn_done = true;
-                if let Err(e) = res {
-                    tracing::debug!(error = %e, "upstream connection failed before response");
-                }
-            }
-            send.as_mut().poll(cx)
-        });
-        let upstream_resp = match rule.timeouts.first_byte {
-            Some(after) => tokio::time::timeout(after, exchange).await.map_err(|_| {
-                fail(ProxyError::FirstByteTimeout {
-                    backend: rule.backend.name.clone(),
-                    after,
-                })
-            })?,
-            None => exchange.await,
-        }
-        .map_err(|source| {
-            fail(ProxyError::Upstream {
-                backend: rule.backend.name.clone(),
-                source,
-            })
-        })?;
-        drop(sender);
-
+        let upstream_resp = upstream::exchange(&rule, stream, upstream_req)
+            .await
+            .map_err(fail)?;
         let (mut parts, body) = upstream_resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         if let Some(cookie) = set_cookie {
@@ -504,13 +470,6 @@ impl Proxy {
             keepalive: rule.keepalive,
             idle: rule.timeouts.idle,
             max_duration: rule.timeouts.max_duration,
-        };
-        let body = if conn_done {
-            // The connection finished while we waited for headers (e.g. a tiny response
-            // already read in full); the body needs no driving.
-            DriveConn::finished(body)
-        } else {
-            DriveConn::new(conn, body)
         };
         let body = RelayBody::new(
             EndpointBody::new(body, lease),

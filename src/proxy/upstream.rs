@@ -1,7 +1,10 @@
 //! The upstream side of one proxied stream: cleartext or TLS, HTTP/1.1 or HTTP/2.
 //!
 //! Each stream gets its own upstream connection (as before), so an HTTP/2 backend sees one
-//! stream per connection. For HTTP/1 the connection future is driven by
+//! stream per connection. A bodiless request to a cleartext HTTP/1.1 upstream (the SSE case)
+//! goes through [`h1client`], whose response body reads the socket itself and holds no buffer
+//! while idle. Everything else uses hyper's client: for HTTP/1 (TLS, or a request with a
+//! body) the connection future is driven by
 //! [`super::relay::DriveConn`] from inside the response body. For HTTP/2 hyper spawns the
 //! connection's I/O task itself (on the [`TokioExecutor`] given to the handshake); the future
 //! returned here is only the request dispatcher, which finishes once the request is sent, and
@@ -18,7 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_util::future::Either;
+use futures_util::future::{Either, poll_fn};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
@@ -33,7 +36,8 @@ use crate::routing::Rule;
 use crate::tls::UpstreamTls;
 
 use super::error::ProxyError;
-use super::relay::BoxError;
+use super::h1client;
+use super::relay::{BoxError, DriveConn};
 
 /// A request body ssegate sends upstream: the client's own ([`Incoming`]) when relaying a
 /// stream, a buffered one for the calls of a poll route.
@@ -45,6 +49,78 @@ pub trait RequestBody:
 impl<B> RequestBody for B where
     B: http_body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
 {
+}
+
+/// The upstream response body: [`h1client`]'s for bodiless requests to cleartext HTTP/1.1
+/// upstreams, hyper's (driven by [`DriveConn`]) otherwise.
+pub type UpstreamBody<B = super::ClientBody> =
+    http_body_util::Either<h1client::ResponseBody, DriveConn<UpstreamConn<B>, Incoming>>;
+
+/// Sends `req` (shaped by `upstream_request`) on the connected `tcp` and waits, at most
+/// `timeouts.firstByte`, for the response head.
+pub async fn exchange<B: RequestBody>(
+    rule: &Rule,
+    tcp: TcpStream,
+    req: Request<B>,
+) -> Result<Response<UpstreamBody<B>>, ProxyError> {
+    if rule.upstream_tls.is_none()
+        && rule.protocol == BackendProtocol::Http1
+        && req.body().is_end_stream()
+    {
+        let (parts, _) = req.into_parts();
+        let resp = first_byte(rule, h1client::exchange(tcp, &parts))
+            .await?
+            .map_err(|source| ProxyError::UpstreamH1 {
+                backend: rule.backend.name.clone(),
+                source,
+            })?;
+        return Ok(resp.map(http_body_util::Either::Left));
+    }
+    let req = prepare_request(rule, req)?;
+    let (mut sender, conn) = handshake(rule, tcp).await?;
+    let mut conn = Box::pin(conn);
+    let mut conn_done = false;
+    let mut send = std::pin::pin!(sender.send_request(req));
+    let exchange = poll_fn(|cx| {
+        if !conn_done && let Poll::Ready(res) = conn.as_mut().poll(cx) {
+            conn_done = true;
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "upstream connection failed before response");
+            }
+        }
+        send.as_mut().poll(cx)
+    });
+    let resp = first_byte(rule, exchange)
+        .await?
+        .map_err(|source| ProxyError::Upstream {
+            backend: rule.backend.name.clone(),
+            source,
+        })?;
+    drop(sender);
+    Ok(resp.map(|body| {
+        http_body_util::Either::Right(if conn_done {
+            // The connection finished while we waited for headers (e.g. a tiny response
+            // already read in full); the body needs no driving.
+            DriveConn::finished(body)
+        } else {
+            DriveConn::new(conn, body)
+        })
+    }))
+}
+
+/// Runs `fut` within the rule's `timeouts.firstByte`.
+async fn first_byte<F: Future>(rule: &Rule, fut: F) -> Result<F::Output, ProxyError> {
+    match rule.timeouts.first_byte {
+        Some(after) => {
+            tokio::time::timeout(after, fut)
+                .await
+                .map_err(|_| ProxyError::FirstByteTimeout {
+                    backend: rule.backend.name.clone(),
+                    after,
+                })
+        }
+        None => Ok(fut.await),
+    }
 }
 
 /// A byte stream to a backend: plain TCP or TLS over TCP.
