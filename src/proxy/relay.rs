@@ -18,7 +18,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -258,6 +258,11 @@ pin_project! {
         retiring: bool,
         // Until when a retired stream waits for the event in flight to end.
         retire_by: Option<Instant>,
+        // The waker the timer and the drain registration were last polled with. While the
+        // task's waker is the same and the timer's deadline has not passed, polling them
+        // again would only register the same waker again: a stream going idle after an
+        // event then costs no timer or `Notify` work. Cleared whenever the timer moves.
+        registered: Option<Waker>,
         done: bool,
         guard: StreamGuard,
     }
@@ -299,6 +304,7 @@ impl<B> RelayBody<B> {
             retry_hint: false,
             retiring: false,
             retire_by: None,
+            registered: None,
             done: false,
             guard,
         }
@@ -346,6 +352,7 @@ where
                 let by = Instant::now() + RETIRED_EVENT_GRACE;
                 *this.retire_by = Some(by);
                 arm(this.sleep, by);
+                *this.registered = None;
             }
         }
         if *this.ending && (!*this.sse || this.framer.at_boundary()) {
@@ -373,6 +380,7 @@ where
                             *this.drain_noticed = true;
                             *this.drain_at = Some(at);
                             arm(this.sleep, at);
+                            *this.registered = None;
                         }
                     }
                     metrics.bytes_sent_total.inc_by(data.len() as u64);
@@ -410,19 +418,47 @@ where
             Poll::Pending => {}
         }
 
-        if *this.sse
-            && !*this.drain_noticed
-            && let Poll::Ready(at) = this.drain.poll_close_at(cx)
-        {
-            *this.drain_noticed = true;
-            *this.drain_at = Some(at);
-            arm(this.sleep, at);
+        // Registered with this task before (the common case: the next poll after an event):
+        // one atomic load stands in for the drain registration, one clock read for the timer.
+        let mut fresh = this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if *this.sse && !*this.drain_noticed {
+            let begun = if fresh {
+                this.drain.close_at()
+            } else {
+                match this.drain.poll_close_at(cx) {
+                    Poll::Ready(at) => Some(at),
+                    Poll::Pending => None,
+                }
+            };
+            if let Some(at) = begun {
+                *this.drain_noticed = true;
+                *this.drain_at = Some(at);
+                arm(this.sleep, at);
+                fresh = false;
+            }
         }
         let Some(sleep) = this.sleep.as_mut() else {
+            if !fresh {
+                *this.registered = Some(cx.waker().clone());
+            }
             return Poll::Pending;
         };
+        if fresh && Instant::now() < sleep.deadline() {
+            return Poll::Pending;
+        }
         loop {
-            ready!(sleep.as_mut().poll(cx));
+            if sleep.as_mut().poll(cx).is_pending() {
+                if !fresh {
+                    *this.registered = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+            // A fired timer keeps no waker: whatever it is reset to must be polled again.
+            *this.registered = None;
+            fresh = false;
             let now = Instant::now();
             let at_boundary = this.framer.at_boundary();
             if let Some(deadline) = *this.deadline
@@ -489,6 +525,9 @@ where
                 Some(at) => sleep.as_mut().reset(at),
                 None => {
                     *this.sleep = None;
+                    if !fresh {
+                        *this.registered = Some(cx.waker().clone());
+                    }
                     return Poll::Pending;
                 }
             }
