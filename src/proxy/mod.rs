@@ -318,6 +318,9 @@ impl Proxy {
                 })
             };
             tokio::spawn(async move {
+                // hyper's connection futures (HTTP/1 and HTTP/2 state inline, several KiB)
+                // are boxed, so a task the front serves is only as large as the front's
+                // own future: the task is what each plaintext stream costs.
                 let res = if tls.is_none() {
                     // Plaintext: the own HTTP/1.1 front, which leaves what it does not serve
                     // (h2c, request bodies, upgrades) to hyper with the bytes it read.
@@ -326,11 +329,11 @@ impl Proxy {
                         Some(handoff) => {
                             let io = Rewind::new(handoff.read, handoff.io);
                             let conn = builder.serve_connection(TokioIo::new(io), service);
-                            watcher.watch(conn.into_owned()).await
+                            Box::pin(watcher.watch(conn.into_owned())).await
                         }
                     }
                 } else {
-                    serve_io!(builder, tls, watcher, peer, io, service).await
+                    Box::pin(serve_io!(builder, tls, watcher, peer, io, service)).await
                 };
                 if let Err(e) = res {
                     tracing::debug!(%peer, error = %e, "client connection ended with an error");
