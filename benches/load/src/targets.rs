@@ -284,6 +284,10 @@ pub async fn start(kind: Kind, env: &Env) -> anyhow::Result<Running> {
                     &addr.to_string(),
                     "--admin",
                     &admin_addr.to_string(),
+                    // Plain HTTP only: the default TLS listener (0.0.0.0:8443) would make a
+                    // run fail whenever anything else on the machine holds that port.
+                    "--listen-tls",
+                    "off",
                 ])
                 .env("RUST_LOG", "warn");
             admin = Some(admin_addr);
