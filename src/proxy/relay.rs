@@ -113,9 +113,11 @@ pin_project! {
     /// reports [`Retiring`] and wakes the stream (the relay ends it; the body itself keeps
     /// passing frames through so that the event in flight can finish).
     pub struct EndpointBody<B> {
+        // Declared before `inner`: fields drop in declaration order, so the endpoint's
+        // stream count goes down before the upstream connection (inside `inner`) is closed.
+        lease: EndpointLease,
         #[pin]
         inner: B,
-        lease: EndpointLease,
         retired: Pin<Box<OwnedNotified>>,
         // The waker registered with `retired`; re-registered only when the task's waker
         // changes, so an ordinary poll costs one atomic load.
@@ -237,6 +239,9 @@ pub struct RelayTimers {
 pin_project! {
     /// The relayed response body; see the module docs.
     pub struct RelayBody<B> {
+        // Declared first: fields drop in declaration order, so the rule's and the client's
+        // stream counts go down before the inner body (endpoint count, upstream connection).
+        guard: StreamGuard,
         #[pin]
         inner: B,
         framer: Framer,
@@ -264,7 +269,6 @@ pin_project! {
         // event then costs no timer or `Notify` work. Cleared whenever the timer moves.
         registered: Option<Waker>,
         done: bool,
-        guard: StreamGuard,
     }
 }
 
@@ -958,6 +962,58 @@ mod tests {
             metrics
                 .render()
                 .contains(r#"ssegate_connections_total{route="apps/feed"} 3"#)
+        );
+    }
+
+    /// Stands in for the upstream connection inside the relay: records, when it is dropped
+    /// (the upstream closes), the endpoint's and the rule's stream counts at that moment.
+    struct CloseProbe {
+        ep: Arc<crate::balance::Endpoint>,
+        rule: Arc<Rule>,
+        seen: Arc<std::sync::Mutex<Option<(usize, usize)>>>,
+    }
+
+    impl Drop for CloseProbe {
+        fn drop(&mut self) {
+            let counts = (self.ep.active(), self.rule.active.load(Ordering::Relaxed));
+            *self.seen.lock().unwrap() = Some(counts);
+        }
+    }
+
+    impl Body for CloseProbe {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_the_relay_releases_the_counts_before_the_upstream_closes() {
+        let ep = endpoint();
+        let (rule, _m) = rule_and_metrics();
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let probe = CloseProbe {
+            ep: ep.clone(),
+            rule: rule.clone(),
+            seen: seen.clone(),
+        };
+        let body = RelayBody::new(
+            EndpointBody::new(probe, EndpointLease::new(ep.clone())),
+            true,
+            RelayTimers::default(),
+            StreamGuard::admit(&rule).unwrap(),
+            Drain::new().watch(),
+        );
+        assert_eq!((ep.active(), rule.active.load(Ordering::Relaxed)), (1, 1));
+        drop(body);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            Some((0, 0)),
+            "endpoint and rule counts already released when the upstream closed"
         );
     }
 }
