@@ -654,12 +654,6 @@ async fn redirect_sends_plain_http_to_https_with_host_path_and_query() {
 
 // ---------------------------------------------------------------- upstream
 
-/// A TLS backend with a certificate for `backend.internal` from `ca`; with `client_ca` it
-/// requires client certificates from that CA.
-async fn tls_backend(ca: &Ca, client_ca: Option<&Ca>) -> Backend {
-    Backend::start_with(Reply::Sse, backend_tls(ca, client_ca)).await
-}
-
 /// Backend options serving TLS (ALPN h2, http/1.1) with a certificate for `backend.internal`
 /// from `ca`; with `client_ca` client certificates from that CA are required.
 fn backend_tls(ca: &Ca, client_ca: Option<&Ca>) -> BackendOpts {
@@ -690,6 +684,75 @@ fn backend_tls(ca: &Ca, client_ca: Option<&Ca>) -> BackendOpts {
     }
 }
 
+/// Backend YAML lines: TLS verified with the `backend-ca` Secret, for `server_name`.
+fn upstream_tls_yaml(server_name: &str) -> String {
+    format!("        tls: {{enabled: true, caSecretName: backend-ca, serverName: {server_name}}}\n")
+}
+
+/// Backend YAML lines: h2 over TLS with the client certificate of the `me` Secret.
+const MUTUAL_H2: &str = "        protocol: h2\n        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal, clientCertSecretName: me}\n";
+
+/// One upstream set-up shared by the stream-route and poll-route tests: the CA ssegate
+/// trusts (`backend-ca`), how the backend serves (certificate, client-certificate
+/// requirement), the backend YAML lines that reach it and the extra manifests they need.
+struct Upstream {
+    ca: Ca,
+    backend: BackendOpts,
+    yaml: String,
+    files: Vec<(&'static str, String)>,
+}
+
+impl Upstream {
+    /// TLS, the backend's certificate issued by the CA ssegate trusts.
+    fn verified() -> Self {
+        let ca = Ca::new();
+        Upstream {
+            backend: backend_tls(&ca, None),
+            ca,
+            yaml: upstream_tls_yaml("backend.internal"),
+            files: vec![],
+        }
+    }
+
+    /// TLS, the backend's certificate issued by a CA ssegate does not trust.
+    fn wrong_ca() -> Self {
+        Upstream {
+            backend: backend_tls(&Ca::new(), None),
+            ..Self::verified()
+        }
+    }
+
+    /// h2 over mutual TLS: the backend requires a client certificate, ssegate sends the `me`
+    /// Secret's.
+    fn mutual_h2() -> Self {
+        let ca = Ca::new();
+        let client_ca = Ca::new();
+        let me = client_ca.leaf(&["ssegate.client"]);
+        Upstream {
+            backend: backend_tls(&ca, Some(&client_ca)),
+            ca,
+            yaml: MUTUAL_H2.to_string(),
+            files: vec![("me.yaml", secret_yaml("me", &me))],
+        }
+    }
+
+    /// Cleartext HTTP/2 with prior knowledge.
+    fn h2c() -> Self {
+        Upstream {
+            ca: Ca::new(),
+            backend: BackendOpts::default(),
+            yaml: "        protocol: h2c\n".to_string(),
+            files: vec![],
+        }
+    }
+
+    /// ssegate routing `/events` to `backend` with this set-up, plus `rule_extra` rule lines.
+    async fn ssegate(&self, backend: SocketAddr, rule_extra: &str) -> (Running, ConfigDir) {
+        let yaml = format!("{}{rule_extra}", self.yaml);
+        upstream_setup(&self.ca, backend, &yaml, &self.files).await
+    }
+}
+
 /// ssegate with one route `/events` (any host) whose backend YAML gets `backend_extra`;
 /// `ca.crt` (the CA's PEM) is loaded from a file through the standalone annotation.
 async fn upstream_setup(
@@ -714,15 +777,9 @@ async fn upstream_setup(
 
 #[tokio::test]
 async fn upstream_tls_verified_with_a_private_ca() {
-    let ca = Ca::new();
-    let mut backend = tls_backend(&ca, None).await;
-    let (ss, _cfg) = upstream_setup(
-        &ca,
-        backend.addr,
-        "        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal}\n",
-        &[],
-    )
-    .await;
+    let up = Upstream::verified();
+    let mut backend = Backend::start_with(Reply::Sse, up.backend.clone()).await;
+    let (ss, _cfg) = up.ssegate(backend.addr, "").await;
     let mut resp = get(ss.proxy_addr, "h", "/events").await;
     let st = backend.next_stream().await;
     assert_eq!(st.parts.version, Version::HTTP_11);
@@ -733,44 +790,25 @@ async fn upstream_tls_verified_with_a_private_ca() {
 
 #[tokio::test]
 async fn upstream_tls_with_the_wrong_ca_or_name_is_a_502() {
-    let ca = Ca::new();
-    let backend = tls_backend(&Ca::new(), None).await;
-    let (ss, _cfg) = upstream_setup(
-        &ca,
-        backend.addr,
-        "        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal}\n",
-        &[],
-    )
-    .await;
+    let up = Upstream::wrong_ca();
+    let backend = Backend::start_with(Reply::Sse, up.backend.clone()).await;
+    let (ss, _cfg) = up.ssegate(backend.addr, "").await;
     let resp = get(ss.proxy_addr, "h", "/events").await;
     assert_eq!(resp.status, 502);
     assert!(resp.text().await.contains("upstream_tls"));
 
-    let backend = tls_backend(&ca, None).await;
-    let (ss, _cfg) = upstream_setup(
-        &ca,
-        backend.addr,
-        "        tls: {enabled: true, caSecretName: backend-ca, serverName: wrong.internal}\n",
-        &[],
-    )
-    .await;
+    let up = Upstream::verified();
+    let backend = Backend::start_with(Reply::Sse, up.backend.clone()).await;
+    let wrong_name = upstream_tls_yaml("wrong.internal");
+    let (ss, _cfg) = upstream_setup(&up.ca, backend.addr, &wrong_name, &[]).await;
     assert_eq!(get(ss.proxy_addr, "h", "/events").await.status, 502);
 }
 
 #[tokio::test]
 async fn upstream_h2_over_mutual_tls() {
-    let ca = Ca::new();
-    let client_ca = Ca::new();
-    let mut backend = tls_backend(&ca, Some(&client_ca)).await;
-    let me = client_ca.leaf(&["ssegate.client"]);
-    let tls = "        protocol: h2\n        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal, clientCertSecretName: me}\n";
-    let (ss, _cfg) = upstream_setup(
-        &ca,
-        backend.addr,
-        tls,
-        &[("me.yaml", secret_yaml("me", &me))],
-    )
-    .await;
+    let up = Upstream::mutual_h2();
+    let mut backend = Backend::start_with(Reply::Sse, up.backend.clone()).await;
+    let (ss, _cfg) = up.ssegate(backend.addr, "").await;
     let mut resp = get(ss.proxy_addr, "h", "/events?x=1").await;
     let st = backend.next_stream().await;
     assert_eq!(st.parts.version, Version::HTTP_2);
@@ -786,20 +824,19 @@ async fn upstream_h2_over_mutual_tls() {
         .ok();
 
     // Without the client certificate the backend refuses the handshake.
-    let (ss, _cfg) = upstream_setup(
-        &ca,
-        backend.addr,
-        "        protocol: h2\n        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal}\n",
-        &[],
-    )
-    .await;
+    let no_client_cert = format!(
+        "        protocol: h2\n{}",
+        upstream_tls_yaml("backend.internal")
+    );
+    let (ss, _cfg) = upstream_setup(&up.ca, backend.addr, &no_client_cert, &[]).await;
     assert_eq!(get(ss.proxy_addr, "h", "/events").await.status, 502);
 }
 
 #[tokio::test]
 async fn upstream_h2c() {
-    let mut backend = Backend::start(Reply::Sse).await;
-    let (ss, _cfg) = upstream_setup(&Ca::new(), backend.addr, "        protocol: h2c\n", &[]).await;
+    let up = Upstream::h2c();
+    let mut backend = Backend::start_with(Reply::Sse, up.backend.clone()).await;
+    let (ss, _cfg) = up.ssegate(backend.addr, "").await;
     let mut resp = get(ss.proxy_addr, "h", "/events").await;
     let st = backend.next_stream().await;
     assert_eq!(st.parts.version, Version::HTTP_2);
@@ -852,21 +889,17 @@ async fn poll_two_calls(ss: &Running, backend: &mut JsonBackend, version: Versio
 
 #[tokio::test]
 async fn poll_route_over_tls_verified_with_a_private_ca() {
-    let ca = Ca::new();
-    let mut backend = JsonBackend::start_with(backend_tls(&ca, None)).await;
-    let tls =
-        "        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal}\n";
-    let (ss, _cfg) = upstream_setup(&ca, backend.addr, &format!("{tls}{POLL}"), &[]).await;
+    let up = Upstream::verified();
+    let mut backend = JsonBackend::start_with(up.backend.clone()).await;
+    let (ss, _cfg) = up.ssegate(backend.addr, POLL).await;
     poll_two_calls(&ss, &mut backend, Version::HTTP_11).await;
 }
 
 #[tokio::test]
 async fn poll_route_with_the_wrong_ca_is_a_502_upstream_tls() {
-    let ca = Ca::new();
-    let mut backend = JsonBackend::start_with(backend_tls(&Ca::new(), None)).await;
-    let tls =
-        "        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal}\n";
-    let (ss, _cfg) = upstream_setup(&ca, backend.addr, &format!("{tls}{POLL}"), &[]).await;
+    let up = Upstream::wrong_ca();
+    let mut backend = JsonBackend::start_with(up.backend.clone()).await;
+    let (ss, _cfg) = up.ssegate(backend.addr, POLL).await;
     let resp = get(ss.proxy_addr, "h", "/events").await;
     assert_eq!(resp.status, 502);
     assert!(resp.text().await.contains("upstream_tls"));
@@ -886,21 +919,17 @@ async fn poll_route_with_the_wrong_ca_is_a_502_upstream_tls() {
 
 #[tokio::test]
 async fn poll_route_over_h2_with_mutual_tls() {
-    let ca = Ca::new();
-    let client_ca = Ca::new();
-    let mut backend = JsonBackend::start_with(backend_tls(&ca, Some(&client_ca))).await;
-    let me = client_ca.leaf(&["ssegate.client"]);
-    let tls = "        protocol: h2\n        tls: {enabled: true, caSecretName: backend-ca, serverName: backend.internal, clientCertSecretName: me}\n";
-    let me = [("me.yaml", secret_yaml("me", &me))];
-    let (ss, _cfg) = upstream_setup(&ca, backend.addr, &format!("{tls}{POLL}"), &me).await;
+    let up = Upstream::mutual_h2();
+    let mut backend = JsonBackend::start_with(up.backend.clone()).await;
+    let (ss, _cfg) = up.ssegate(backend.addr, POLL).await;
     poll_two_calls(&ss, &mut backend, Version::HTTP_2).await;
 }
 
 #[tokio::test]
 async fn poll_route_over_h2c() {
-    let mut backend = JsonBackend::start().await;
-    let extra = format!("        protocol: h2c\n{POLL}");
-    let (ss, _cfg) = upstream_setup(&Ca::new(), backend.addr, &extra, &[]).await;
+    let up = Upstream::h2c();
+    let mut backend = JsonBackend::start_with(up.backend.clone()).await;
+    let (ss, _cfg) = up.ssegate(backend.addr, POLL).await;
     poll_two_calls(&ss, &mut backend, Version::HTTP_2).await;
 }
 

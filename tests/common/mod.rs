@@ -117,6 +117,56 @@ pub struct BackendOpts {
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
+/// Accepts connections on an ephemeral 127.0.0.1 port and serves each with the service
+/// `make_svc(peer)` builds for it (see [`serve_conn`]). Returns the address and the
+/// accept task.
+async fn serve<F, S, B>(opts: BackendOpts, make_svc: F) -> (SocketAddr, tokio::task::JoinHandle<()>)
+where
+    F: Fn(SocketAddr) -> S + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let (sock, peer) = listener.accept().await.unwrap();
+            tokio::spawn(serve_conn(sock, opts.tls.clone(), make_svc(peer)));
+        }
+    });
+    (addr, task)
+}
+
+/// Serves one accepted connection with `svc`: HTTP/1.1 or HTTP/2 (prior knowledge or ALPN),
+/// over TLS when `tls` is set (a failed handshake just ends the connection).
+async fn serve_conn<S, B>(sock: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, svc: S)
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    match tls {
+        None => {
+            let _ = builder.serve_connection(TokioIo::new(sock), svc).await;
+        }
+        Some(cfg) => {
+            let Ok(io) = tokio_rustls::TlsAcceptor::from(cfg).accept(sock).await else {
+                return;
+            };
+            let _ = builder.serve_connection(TokioIo::new(io), svc).await;
+        }
+    }
+}
+
 impl Backend {
     pub async fn start(reply: Reply) -> Backend {
         Self::start_with(reply, BackendOpts::default()).await
@@ -124,87 +174,65 @@ impl Backend {
 
     /// A backend speaking HTTP/1.1 and HTTP/2 (prior knowledge or ALPN), with TLS if asked.
     pub async fn start_with(reply: Reply, opts: BackendOpts) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (streams_tx, streams) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            loop {
-                let (sock, _) = listener.accept().await.unwrap();
+        let (addr, task) = serve(opts, move |_peer| {
+            let streams_tx = streams_tx.clone();
+            let reply = reply.clone();
+            hyper::service::service_fn(move |req: Request<Incoming>| {
                 let streams_tx = streams_tx.clone();
                 let reply = reply.clone();
-                let tls = opts.tls.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let streams_tx = streams_tx.clone();
-                        let reply = reply.clone();
-                        async move {
-                            let (parts, body) = req.into_parts();
-                            let body = body
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let resp: Response<BackendBody> = match reply {
-                                Reply::Sse => {
-                                    let (tx, rx) = mpsc::channel(64);
-                                    let (ctx, crx) = oneshot::channel();
-                                    let _ = streams_tx.send(Stream {
-                                        parts,
-                                        body,
-                                        tx,
-                                        closed: crx,
-                                    });
-                                    Response::builder()
-                                        .header("content-type", "text/event-stream")
-                                        .body(http_body_util::Either::Left(Tracked {
-                                            inner: StreamBody::new(ReceiverStream(rx)),
-                                            closed: Some(ctx),
-                                        }))
-                                        .unwrap()
-                                }
-                                Reply::Fixed {
-                                    status,
-                                    content_type,
-                                    body: text,
-                                } => {
-                                    let (tx, _rx) = mpsc::channel(1);
-                                    let (_ctx, crx) = oneshot::channel();
-                                    let _ = streams_tx.send(Stream {
-                                        parts,
-                                        body,
-                                        tx,
-                                        closed: crx,
-                                    });
-                                    Response::builder()
-                                        .status(status)
-                                        .header("content-type", content_type)
-                                        .body(http_body_util::Either::Right(Full::new(
-                                            Bytes::from_static(text.as_bytes()),
-                                        )))
-                                        .unwrap()
-                                }
-                            };
-                            Ok::<_, Infallible>(resp)
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let body = body
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let resp: Response<BackendBody> = match reply {
+                        Reply::Sse => {
+                            let (tx, rx) = mpsc::channel(64);
+                            let (ctx, crx) = oneshot::channel();
+                            let _ = streams_tx.send(Stream {
+                                parts,
+                                body,
+                                tx,
+                                closed: crx,
+                            });
+                            Response::builder()
+                                .header("content-type", "text/event-stream")
+                                .body(http_body_util::Either::Left(Tracked {
+                                    inner: StreamBody::new(ReceiverStream(rx)),
+                                    closed: Some(ctx),
+                                }))
+                                .unwrap()
                         }
-                    });
-                    let builder = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    );
-                    match tls {
-                        None => {
-                            let _ = builder.serve_connection(TokioIo::new(sock), svc).await;
+                        Reply::Fixed {
+                            status,
+                            content_type,
+                            body: text,
+                        } => {
+                            let (tx, _rx) = mpsc::channel(1);
+                            let (_ctx, crx) = oneshot::channel();
+                            let _ = streams_tx.send(Stream {
+                                parts,
+                                body,
+                                tx,
+                                closed: crx,
+                            });
+                            Response::builder()
+                                .status(status)
+                                .header("content-type", content_type)
+                                .body(http_body_util::Either::Right(Full::new(
+                                    Bytes::from_static(text.as_bytes()),
+                                )))
+                                .unwrap()
                         }
-                        Some(cfg) => {
-                            let Ok(io) = tokio_rustls::TlsAcceptor::from(cfg).accept(sock).await
-                            else {
-                                return;
-                            };
-                            let _ = builder.serve_connection(TokioIo::new(io), svc).await;
-                        }
-                    }
-                });
-            }
-        });
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            })
+        })
+        .await;
         Backend {
             addr,
             streams,
@@ -578,58 +606,36 @@ impl JsonBackend {
     /// A JSON backend speaking HTTP/1.1 and HTTP/2 (prior knowledge or ALPN), with TLS if
     /// asked.
     pub async fn start_with(opts: BackendOpts) -> JsonBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (calls_tx, calls) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            loop {
-                let (sock, peer) = listener.accept().await.unwrap();
+        let (addr, task) = serve(opts, move |peer| {
+            let calls_tx = calls_tx.clone();
+            hyper::service::service_fn(move |req: Request<Incoming>| {
                 let calls_tx = calls_tx.clone();
-                let tls = opts.tls.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let calls_tx = calls_tx.clone();
-                        async move {
-                            let (parts, body) = req.into_parts();
-                            let body = body
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let (tx, rx) = oneshot::channel();
-                            let _ = calls_tx.send(PollCall {
-                                parts,
-                                body,
-                                peer,
-                                reply: tx,
-                            });
-                            let (status, headers, text) =
-                                rx.await.unwrap_or((500, vec![], "no answer".to_string()));
-                            let mut resp = Response::builder().status(status);
-                            for (k, v) in headers {
-                                resp = resp.header(k, v);
-                            }
-                            Ok::<_, Infallible>(resp.body(Full::new(Bytes::from(text))).unwrap())
-                        }
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let body = body
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let (tx, rx) = oneshot::channel();
+                    let _ = calls_tx.send(PollCall {
+                        parts,
+                        body,
+                        peer,
+                        reply: tx,
                     });
-                    let builder = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    );
-                    match tls {
-                        None => {
-                            let _ = builder.serve_connection(TokioIo::new(sock), svc).await;
-                        }
-                        Some(cfg) => {
-                            let Ok(io) = tokio_rustls::TlsAcceptor::from(cfg).accept(sock).await
-                            else {
-                                return;
-                            };
-                            let _ = builder.serve_connection(TokioIo::new(io), svc).await;
-                        }
+                    let (status, headers, text) =
+                        rx.await.unwrap_or((500, vec![], "no answer".to_string()));
+                    let mut resp = Response::builder().status(status);
+                    for (k, v) in headers {
+                        resp = resp.header(k, v);
                     }
-                });
-            }
-        });
+                    Ok::<_, Infallible>(resp.body(Full::new(Bytes::from(text))).unwrap())
+                }
+            })
+        })
+        .await;
         JsonBackend {
             addr,
             calls,
