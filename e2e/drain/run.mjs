@@ -16,27 +16,24 @@
 //   npm ci --prefix e2e
 //   node e2e/drain/run.mjs            # or: scripts/test
 //
+// The backend, proxy and admin listeners are on free loopback ports the OS picks at run time.
 // Environment (all optional):
-//   SSEGATE_E2E_DRAIN_PORTS  three free ports: backend, proxy, admin (default 19391,19392,19393)
+//   SSEGATE_E2E_DRAIN_PORTS  three ports to use instead: backend, proxy, admin
 //   CARGO_TARGET_DIR         where the release binaries are (default <repo>/target)
 
 import { spawn } from 'node:child_process';
-import { createWriteStream, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import net from 'node:net';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { EventSource } from 'eventsource';
+import {
+  BACKEND_BIN, CheckError, Processes, REPO, SSEGATE_BIN, assert, assertBuilt, freePorts, logger, sleep, status, tail,
+  waitFor200,
+} from '../lib.mjs';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const REPO = path.resolve(HERE, '..', '..');
-const TARGET = process.env.CARGO_TARGET_DIR
-  ? path.resolve(REPO, process.env.CARGO_TARGET_DIR)
-  : path.join(REPO, 'target');
-const SSEGATE_BIN = path.join(TARGET, 'release', 'ssegate');
-const BACKEND_BIN = path.join(TARGET, 'release', 'examples', 'sse-backend');
 const WORK = path.join(REPO, 'e2e', '.work', 'drain');
-const [BACKEND_PORT, PROXY_PORT, ADMIN_PORT] = (process.env.SSEGATE_E2E_DRAIN_PORTS || '19391,19392,19393')
-  .split(',').map(Number);
+const [BACKEND_PORT, PROXY_PORT, ADMIN_PORT] = process.env.SSEGATE_E2E_DRAIN_PORTS
+  ? process.env.SSEGATE_E2E_DRAIN_PORTS.split(',').map(Number)
+  : await freePorts(3);
 const BACKEND = `127.0.0.1:${BACKEND_PORT}`;
 const PROXY = `127.0.0.1:${PROXY_PORT}`;
 const ADMIN = `127.0.0.1:${ADMIN_PORT}`;
@@ -48,93 +45,10 @@ const CURLS = 4;
 const EVENTSOURCES = 4;
 const URL_PATH = '/events?interval=200ms';
 
-const children = [];
 const clients = []; // curl processes and EventSources, stopped at the end whatever happens
 
-function log(msg) {
-  console.log(`[drain] ${msg}`);
-}
-
-function sleep(ms) {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-class CheckError extends Error {}
-
-function assert(cond, msg) {
-  if (!cond) throw new CheckError(msg);
-}
-
-function portInUse(addr) {
-  const [host, port] = addr.split(':');
-  return new Promise((resolve) => {
-    const sock = net.connect({ host, port: Number(port) });
-    sock.setTimeout(500);
-    sock.once('connect', () => { sock.destroy(); resolve(true); });
-    sock.once('timeout', () => { sock.destroy(); resolve(false); });
-    sock.once('error', () => resolve(false));
-  });
-}
-
-function start(name, bin, args) {
-  const logFile = path.join(WORK, `${name}.log`);
-  const out = createWriteStream(logFile);
-  const child = spawn(bin, args, { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
-  child.stdout.pipe(out);
-  child.stderr.pipe(out);
-  const entry = { name, child, logFile, exited: null, exitedAt: null };
-  entry.exit = new Promise((resolve) => {
-    child.on('exit', (code, signal) => {
-      entry.exited = { code, signal };
-      entry.exitedAt = Date.now();
-      resolve(entry.exited);
-    });
-  });
-  child.on('error', (err) => { entry.exited = { code: null, signal: null, err }; });
-  children.push(entry);
-  log(`started ${name} (pid ${child.pid}): ${path.relative(REPO, bin)} ${args.join(' ')}`);
-  return entry;
-}
-
-async function stopAll() {
-  const alive = children.filter((c) => c.exited === null);
-  for (const c of alive) c.child.kill('SIGKILL');
-  await Promise.all(alive.map((c) => c.exit));
-}
-
-process.on('exit', () => {
-  for (const c of children) if (c.exited === null) c.child.kill('SIGKILL');
-});
-
-function tail(file, lines = 30) {
-  try {
-    return readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
-  } catch {
-    return '(no log)';
-  }
-}
-
-async function status(url) {
-  try {
-    const res = await fetch(url, { signal: AbortSignal.timeout(1000) });
-    await res.arrayBuffer();
-    return res.status;
-  } catch (err) {
-    return err.cause?.code || err.message;
-  }
-}
-
-async function waitFor200(url, entry, timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  let last;
-  while (Date.now() < deadline) {
-    assert(!entry.exited, `${entry.name} exited (${JSON.stringify(entry.exited)}):\n${tail(entry.logFile)}`);
-    last = await status(url);
-    if (last === 200) return;
-    await sleep(100);
-  }
-  throw new CheckError(`${url} not 200 within ${timeoutMs} ms (last: ${last})`);
-}
+const log = logger('drain');
+const procs = new Processes(WORK, log);
 
 /** Splits an event-stream text into its blocks (without comments), in order. */
 function blocks(text) {
@@ -211,12 +125,7 @@ function eventSource(name) {
 }
 
 async function main() {
-  for (const bin of [BACKEND_BIN, SSEGATE_BIN]) {
-    assert(existsSync(bin), `${bin} not built; run: cargo build --release --bin ssegate --example sse-backend`);
-  }
-  for (const addr of [BACKEND, PROXY, ADMIN]) {
-    assert(!(await portInUse(addr)), `${addr} is already in use (set SSEGATE_E2E_DRAIN_PORTS)`);
-  }
+  assertBuilt();
   rmSync(WORK, { recursive: true, force: true });
   const config = path.join(WORK, 'config');
   mkdirSync(config, { recursive: true });
@@ -246,9 +155,9 @@ endpoints:
   - addresses: ["127.0.0.1"]
 `);
 
-  const backend = start('sse-backend', BACKEND_BIN, ['--listen', BACKEND]);
+  const backend = procs.start('sse-backend', BACKEND_BIN, ['--listen', BACKEND]);
   await waitFor200(`http://${BACKEND}/healthz`, backend, 10000);
-  const gate = start('ssegate', SSEGATE_BIN, ['run', '--config', config, '--listen', PROXY, '--admin', ADMIN,
+  const gate = procs.start('ssegate', SSEGATE_BIN, ['run', '--config', config, '--listen', PROXY, '--admin', ADMIN,
     '--listen-tls', 'off', '--drain-delay', `${DELAY_MS}ms`, '--drain-window', `${WINDOW_MS}ms`,
     '--grace-period', `${GRACE_MS}ms`]);
   await waitFor200(`http://${ADMIN}/readyz`, gate, 30000);
@@ -342,8 +251,8 @@ endpoints:
 let ok = false;
 const overall = setTimeout(async () => {
   log('FAIL - overall timeout of 90 s reached');
-  for (const c of children) log(`--- last lines of ${path.relative(REPO, c.logFile)}:\n${tail(c.logFile)}`);
-  await stopAll();
+  procs.logTails();
+  await procs.stopAll(0);
   process.exit(1);
 }, 90000);
 
@@ -352,10 +261,10 @@ try {
   ok = true;
 } catch (err) {
   log(`FAIL - ${err instanceof CheckError ? err.message : err.stack}`);
-  for (const c of children) log(`--- last lines of ${path.relative(REPO, c.logFile)}:\n${tail(c.logFile)}`);
+  procs.logTails();
 } finally {
   for (const c of clients) c.stop();
-  await stopAll();
+  await procs.stopAll(0);
   clearTimeout(overall);
 }
 console.log(`drain: ${ok ? '1 passed, 0 failed' : '0 passed, 1 failed'}`);

@@ -1,20 +1,23 @@
 #!/usr/bin/env node
 // End-to-end check of ssegate's foundations (and poll mode), without Kubernetes.
 //
-// Starts the release example backend (127.0.0.1:9090, where manifests/examples
-// routes `/events`) and the release ssegate on manifests/examples, waits for
-// /readyz, then streams through ssegate with curl, headless Chromium's
-// EventSource and the `eventsource` npm package, and finally checks /metrics.
+// Starts the release example backend on a free port, and the release ssegate on a copy of
+// manifests/examples (the example backend's EndpointSlice moved to that port) with its
+// proxy and admin listeners on free ports, waits for /readyz, then streams through ssegate
+// with curl, headless Chromium's EventSource and the `eventsource` npm package, and finally
+// checks /metrics.
 //
 //   cargo build --release --bin ssegate --example sse-backend
 //   npm ci --prefix e2e
 //   node e2e/standalone/run.mjs            # or: scripts/test
 //
 // Environment (all optional):
-//   SSEGATE_E2E_LISTEN   ssegate's proxy address   (default 127.0.0.1:18080)
-//   SSEGATE_E2E_ADMIN    ssegate's admin address   (default 127.0.0.1:18254)
-//   SSEGATE_E2E_BACKEND  backend address; must match the config (default 127.0.0.1:9090)
-//   SSEGATE_E2E_CONFIG   ssegate's --config directory (default manifests/examples)
+//   SSEGATE_E2E_LISTEN   ssegate's proxy address   (default 127.0.0.1:<free port>)
+//   SSEGATE_E2E_ADMIN    ssegate's admin address   (default 127.0.0.1:<free port>)
+//   SSEGATE_E2E_BACKEND  backend address           (default 127.0.0.1:<free port>)
+//   (--listen-tls is always on a free port: the checks do not use it)
+//   SSEGATE_E2E_CONFIG   config directory to copy  (default manifests/examples; its
+//                        backend.yaml is moved to the backend's port)
 //   SSEGATE_E2E_TIMEOUT  overall timeout in seconds (default 90)
 //   CHROMIUM             browser binary (default /usr/bin/chromium)
 //   CARGO_TARGET_DIR     where the release binaries are (default <repo>/target)
@@ -22,53 +25,36 @@
 // `--direct` skips ssegate and points every client at the backend itself. It
 // only exists to debug the harness; it is NOT a test of ssegate.
 
-import { spawn, execFile } from 'node:child_process';
-import { createWriteStream, existsSync, mkdirSync, readFileSync } from 'node:fs';
-import net from 'node:net';
+import { execFile } from 'node:child_process';
+import { existsSync, rmSync } from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { EventSource as NodeEventSource } from 'eventsource';
-import { chromium } from 'playwright-core';
+import {
+  BACKEND_BIN, CheckError, Processes, REPO, SSEGATE_BIN, Skip, assert, assertBuilt, copyExampleConfig,
+  freePorts, launchChromium, logger, waitFor200,
+} from '../lib.mjs';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const REPO = path.resolve(HERE, '..', '..');
-const TARGET = process.env.CARGO_TARGET_DIR
-  ? path.resolve(REPO, process.env.CARGO_TARGET_DIR)
-  : path.join(REPO, 'target');
-const SSEGATE_BIN = path.join(TARGET, 'release', 'ssegate');
-const BACKEND_BIN = path.join(TARGET, 'release', 'examples', 'sse-backend');
-const CONFIG_DIR = path.resolve(REPO, process.env.SSEGATE_E2E_CONFIG || 'manifests/examples');
-const LOG_DIR = path.join(REPO, 'e2e', '.work', 'standalone');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const SOURCE_CONFIG = path.resolve(REPO, process.env.SSEGATE_E2E_CONFIG || 'manifests/examples');
+const WORK = path.join(REPO, 'e2e', '.work', 'standalone');
+const CONFIG_DIR = path.join(WORK, 'config');
 
-const LISTEN = process.env.SSEGATE_E2E_LISTEN || '127.0.0.1:18080';
-const ADMIN = process.env.SSEGATE_E2E_ADMIN || '127.0.0.1:18254';
-const BACKEND = process.env.SSEGATE_E2E_BACKEND || '127.0.0.1:9090';
+const [backendPort, listenPort, adminPort, tlsPort] = await freePorts(4);
+const LISTEN = process.env.SSEGATE_E2E_LISTEN || `127.0.0.1:${listenPort}`;
+const ADMIN = process.env.SSEGATE_E2E_ADMIN || `127.0.0.1:${adminPort}`;
+const BACKEND = process.env.SSEGATE_E2E_BACKEND || `127.0.0.1:${backendPort}`;
+// Not used by the checks, but bound (its default, 0.0.0.0:8443, would collide).
+const LISTEN_TLS = `127.0.0.1:${tlsPort}`;
 const TIMEOUT_S = Number(process.env.SSEGATE_E2E_TIMEOUT || 90);
 const DIRECT = process.argv.includes('--direct');
 
 const BASE = `http://${DIRECT ? BACKEND : LISTEN}`;
 const ADMIN_BASE = `http://${ADMIN}`;
 
-const children = [];
+const log = logger('standalone');
+const procs = new Processes(WORK, log);
 let browser = null;
 
 // ---------------------------------------------------------------- utilities
-
-function log(msg) {
-  console.log(`[standalone] ${msg}`);
-}
-
-function sleep(ms) {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-class CheckError extends Error {}
-class Skip extends Error {}
-
-function assert(cond, msg) {
-  if (!cond) throw new CheckError(msg);
-}
 
 /** Runs `fn` with a deadline; rejects with a clear message when it passes. */
 async function withTimeout(ms, what, fn) {
@@ -81,85 +67,6 @@ async function withTimeout(ms, what, fn) {
   } finally {
     clearTimeout(timer);
   }
-}
-
-/** Resolves true when something accepts TCP connections on host:port. */
-function portInUse(addr) {
-  const [host, port] = splitAddr(addr);
-  return new Promise((resolve) => {
-    const sock = net.connect({ host, port });
-    sock.setTimeout(500);
-    sock.once('connect', () => { sock.destroy(); resolve(true); });
-    sock.once('timeout', () => { sock.destroy(); resolve(false); });
-    sock.once('error', () => resolve(false));
-  });
-}
-
-function splitAddr(addr) {
-  const i = addr.lastIndexOf(':');
-  return [addr.slice(0, i), Number(addr.slice(i + 1))];
-}
-
-// ---------------------------------------------------------------- processes
-
-function start(name, bin, args) {
-  mkdirSync(LOG_DIR, { recursive: true });
-  const logFile = path.join(LOG_DIR, `${name}.log`);
-  const out = createWriteStream(logFile);
-  const child = spawn(bin, args, { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
-  child.stdout.pipe(out);
-  child.stderr.pipe(out);
-  const entry = { name, child, logFile, exited: null };
-  child.on('exit', (code, signal) => { entry.exited = { code, signal }; });
-  child.on('error', (err) => { entry.exited = { code: null, signal: null, err }; });
-  children.push(entry);
-  log(`started ${name} (pid ${child.pid}): ${path.relative(REPO, bin)} ${args.join(' ')}`);
-  return entry;
-}
-
-/** Kills every child: SIGTERM, then SIGKILL after 2 s. */
-async function stopAll() {
-  const alive = children.filter((c) => c.exited === null && c.child.exitCode === null);
-  for (const c of alive) c.child.kill('SIGTERM');
-  const deadline = Date.now() + 2000;
-  while (Date.now() < deadline && alive.some((c) => c.exited === null)) await sleep(50);
-  for (const c of alive) if (c.exited === null) c.child.kill('SIGKILL');
-}
-
-// Last resort (synchronous) for any exit path that skipped stopAll().
-process.on('exit', () => {
-  for (const c of children) if (c.exited === null) c.child.kill('SIGKILL');
-});
-
-function tail(file, lines = 30) {
-  try {
-    return readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
-  } catch {
-    return '(no log)';
-  }
-}
-
-/** Polls `url` until it answers 200; fails early if `entry` exits. */
-async function waitFor200(url, entry, timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  let last = 'no answer';
-  while (Date.now() < deadline) {
-    if (entry.exited) {
-      throw new CheckError(
-        `${entry.name} exited (${JSON.stringify(entry.exited)}) before ${url} answered 200; ` +
-        `log ${path.relative(REPO, entry.logFile)}:\n${tail(entry.logFile)}`,
-      );
-    }
-    try {
-      const res = await fetch(url, { signal: AbortSignal.timeout(1000) });
-      if (res.status === 200) return;
-      last = `HTTP ${res.status}`;
-    } catch (err) {
-      last = err.cause?.code || err.message;
-    }
-    await sleep(100);
-  }
-  throw new CheckError(`${url} not 200 within ${timeoutMs} ms (last: ${last})`);
 }
 
 // ---------------------------------------------------------------- SSE helpers
@@ -285,15 +192,7 @@ check('curl resumes after Last-Event-ID: 3 and gets 204 at the end', async () =>
 });
 
 async function newPage() {
-  if (!browser) {
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      headless: true,
-      timeout: 30000,
-      args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-quic',
-        '--no-first-run', '--disable-component-update', '--disable-sync'],
-    });
-  }
+  if (!browser) browser = await launchChromium();
   const page = await browser.newPage();
   // Any document on the proxy's origin will do (a 404 is fine): it makes
   // EventSource('/events...') same-origin, so no CORS is involved.
@@ -302,7 +201,6 @@ async function newPage() {
 }
 
 check('Chromium EventSource: 20 events once each in order, then 204 closes it', async () => {
-  assert(existsSync(CHROMIUM), `no browser at ${CHROMIUM} (apt-get install -y chromium)`);
   const page = await newPage();
   try {
     const result = await page.evaluate(collectEvents, { url: '/events?interval=50ms&count=20', timeoutMs: 10000 });
@@ -382,7 +280,6 @@ check('poll: curl with Last-Event-ID: 3 resumes at order 4; Last-Event-ID: 5 get
 });
 
 check('poll: Chromium EventSource reads 8 orders once each in order, then 204 closes it', async () => {
-  assert(existsSync(CHROMIUM), `no browser at ${CHROMIUM} (apt-get install -y chromium)`);
   const page = await newPage();
   try {
     const result = await page.evaluate(collectEvents, { url: '/poll?wait=50ms&count=8', timeoutMs: 20000 });
@@ -441,20 +338,20 @@ check('/metrics counts the events and connections', async () => {
 // ---------------------------------------------------------------- main
 
 async function main() {
-  for (const [bin, what] of [[BACKEND_BIN, 'example sse-backend'], ...(DIRECT ? [] : [[SSEGATE_BIN, 'ssegate']])]) {
-    assert(existsSync(bin), `${what} not built (${bin}); run: cargo build --release --bin ssegate --example sse-backend`);
-  }
-  if (!DIRECT) assert(existsSync(CONFIG_DIR), `no ${path.relative(REPO, CONFIG_DIR)}/`);
-  for (const addr of [BACKEND, ...(DIRECT ? [] : [LISTEN, ADMIN])]) {
-    assert(!(await portInUse(addr)), `${addr} is already in use (is scripts/demo or an earlier run still going?)`);
+  assertBuilt(DIRECT ? [BACKEND_BIN] : [BACKEND_BIN, SSEGATE_BIN]);
+  if (!DIRECT) {
+    assert(existsSync(SOURCE_CONFIG), `no ${path.relative(REPO, SOURCE_CONFIG)}/`);
+    rmSync(WORK, { recursive: true, force: true });
+    copyExampleConfig(SOURCE_CONFIG, CONFIG_DIR, Number(BACKEND.slice(BACKEND.lastIndexOf(':') + 1)));
   }
 
-  const backend = start('sse-backend', BACKEND_BIN, ['--listen', BACKEND]);
+  const backend = procs.start('sse-backend', BACKEND_BIN, ['--listen', BACKEND]);
   await waitFor200(`http://${BACKEND}/healthz`, backend, 10000);
   if (DIRECT) {
     log(`--direct: clients talk to the backend at ${BASE}; ssegate is NOT tested`);
   } else {
-    const gate = start('ssegate', SSEGATE_BIN, ['run', '--config', CONFIG_DIR, '--listen', LISTEN, '--admin', ADMIN]);
+    const gate = procs.start('ssegate', SSEGATE_BIN, ['run', '--config', CONFIG_DIR, '--listen', LISTEN, '--admin', ADMIN,
+      '--listen-tls', LISTEN_TLS]);
     await waitFor200(`${ADMIN_BASE}/readyz`, gate, 30000);
     log(`ssegate ready: proxy ${BASE}, admin ${ADMIN_BASE}`);
   }
@@ -478,9 +375,7 @@ async function main() {
       log(`FAIL - ${name} (${Date.now() - started} ms)\n${err instanceof CheckError ? err.message : err.stack}`);
     }
   }
-  if (failed) {
-    for (const c of children) log(`--- last lines of ${path.relative(REPO, c.logFile)}:\n${tail(c.logFile)}`);
-  }
+  if (failed) procs.logTails();
   console.log(`standalone: ${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ''}`);
   return failed === 0;
 }
@@ -488,15 +383,15 @@ async function main() {
 let ok = false;
 const overall = setTimeout(async () => {
   log(`FAIL - overall timeout of ${TIMEOUT_S} s reached`);
-  for (const c of children) log(`--- last lines of ${path.relative(REPO, c.logFile)}:\n${tail(c.logFile)}`);
-  await stopAll();
+  procs.logTails();
+  await procs.stopAll();
   process.exit(1);
 }, TIMEOUT_S * 1000);
 
 for (const sig of ['SIGINT', 'SIGTERM']) {
   process.on(sig, async () => {
     log(`got ${sig}, stopping`);
-    await stopAll();
+    await procs.stopAll();
     process.exit(130);
   });
 }
@@ -507,7 +402,7 @@ try {
   log(`FAIL - ${err instanceof CheckError ? err.message : err.stack}`);
 } finally {
   if (browser) await browser.close().catch(() => {});
-  await stopAll();
+  await procs.stopAll();
   clearTimeout(overall);
 }
 process.exit(ok ? 0 : 1);

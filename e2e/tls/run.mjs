@@ -15,101 +15,30 @@
 //   npm ci --prefix e2e
 //   node e2e/tls/run.mjs            # or: scripts/test
 //
-// Environment (all optional): SSEGATE_E2E_TLS_LISTEN (default 127.0.0.1:18081),
-// SSEGATE_E2E_TLS_HTTPS (127.0.0.1:18443), SSEGATE_E2E_TLS_ADMIN (127.0.0.1:18255),
-// SSEGATE_E2E_BACKEND (127.0.0.1:9090, must match manifests/examples/backend.yaml),
-// CHROMIUM (/usr/bin/chromium), CARGO_TARGET_DIR.
+// Every listener (backend, proxy, TLS, admin) is on a free loopback port the OS picks at run
+// time. Environment (all optional): CHROMIUM (/usr/bin/chromium), CARGO_TARGET_DIR.
 
-import { spawn, execFile, execFileSync } from 'node:child_process';
-import { copyFileSync, createWriteStream, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import net from 'node:net';
+import { execFile, execFileSync } from 'node:child_process';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import {
+  BACKEND_BIN, CheckError, Processes, REPO, SSEGATE_BIN, assert, assertBuilt, freePorts, launchChromium, logger,
+  sleep, waitFor200, writeExampleBackendYaml,
+} from '../lib.mjs';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const REPO = path.resolve(HERE, '..', '..');
-const TARGET = process.env.CARGO_TARGET_DIR ? path.resolve(REPO, process.env.CARGO_TARGET_DIR) : path.join(REPO, 'target');
-const SSEGATE_BIN = path.join(TARGET, 'release', 'ssegate');
-const BACKEND_BIN = path.join(TARGET, 'release', 'examples', 'sse-backend');
 const WORK = path.join(REPO, 'e2e', '.work', 'tls');
 const CONFIG = path.join(WORK, 'config');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
-const LISTEN = process.env.SSEGATE_E2E_TLS_LISTEN || '127.0.0.1:18081';
-const HTTPS = process.env.SSEGATE_E2E_TLS_HTTPS || '127.0.0.1:18443';
-const ADMIN = process.env.SSEGATE_E2E_TLS_ADMIN || '127.0.0.1:18255';
-const BACKEND = process.env.SSEGATE_E2E_BACKEND || '127.0.0.1:9090';
-const HTTPS_PORT = Number(HTTPS.slice(HTTPS.lastIndexOf(':') + 1));
+const [BACKEND_PORT, LISTEN_PORT, HTTPS_PORT, ADMIN_PORT] = await freePorts(4);
+const LISTEN = `127.0.0.1:${LISTEN_PORT}`;
+const HTTPS = `127.0.0.1:${HTTPS_PORT}`;
+const ADMIN = `127.0.0.1:${ADMIN_PORT}`;
+const BACKEND = `127.0.0.1:${BACKEND_PORT}`;
 const ORIGIN = `https://localhost:${HTTPS_PORT}`;
 const STREAMS = 10;
 
-const children = [];
+const log = logger('tls');
+const procs = new Processes(WORK, log);
 let browser = null;
-
-function log(msg) {
-  console.log(`[tls] ${msg}`);
-}
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-class CheckError extends Error {}
-function assert(cond, msg) {
-  if (!cond) throw new CheckError(msg);
-}
-
-function portInUse(addr) {
-  const i = addr.lastIndexOf(':');
-  return new Promise((resolve) => {
-    const sock = net.connect({ host: addr.slice(0, i), port: Number(addr.slice(i + 1)) });
-    sock.setTimeout(500);
-    sock.once('connect', () => { sock.destroy(); resolve(true); });
-    sock.once('timeout', () => { sock.destroy(); resolve(false); });
-    sock.once('error', () => resolve(false));
-  });
-}
-
-function start(name, bin, args) {
-  const logFile = path.join(WORK, `${name}.log`);
-  const out = createWriteStream(logFile);
-  const child = spawn(bin, args, { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
-  child.stdout.pipe(out);
-  child.stderr.pipe(out);
-  const entry = { name, child, logFile, exited: null };
-  child.on('exit', (code, signal) => { entry.exited = { code, signal }; });
-  children.push(entry);
-  log(`started ${name} (pid ${child.pid}): ${path.relative(REPO, bin)} ${args.join(' ')}`);
-  return entry;
-}
-
-async function stopAll() {
-  const alive = children.filter((c) => c.exited === null);
-  for (const c of alive) c.child.kill('SIGTERM');
-  const deadline = Date.now() + 2000;
-  while (Date.now() < deadline && alive.some((c) => c.exited === null)) await sleep(50);
-  for (const c of alive) if (c.exited === null) c.child.kill('SIGKILL');
-}
-process.on('exit', () => {
-  for (const c of children) if (c.exited === null) c.child.kill('SIGKILL');
-});
-
-function tail(file, lines = 30) {
-  try {
-    return readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
-  } catch {
-    return '(no log)';
-  }
-}
-
-async function waitFor200(url, entry, timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    assert(!entry.exited, `${entry.name} exited before ${url} answered; log:\n${tail(entry.logFile)}`);
-    try {
-      const res = await fetch(url, { signal: AbortSignal.timeout(1000) });
-      if (res.status === 200) return;
-    } catch {}
-    await sleep(100);
-  }
-  throw new CheckError(`${url} not 200 within ${timeoutMs} ms`);
-}
 
 function curl(args) {
   return new Promise((resolve) => {
@@ -136,7 +65,7 @@ function makeConfig() {
   writeFileSync(path.join(WORK, 'ext.cnf'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n');
   openssl(['x509', '-req', '-in', 'localhost.csr', '-CA', 'ca.crt', '-CAkey', 'ca.key', '-CAcreateserial',
     '-days', '2', '-extfile', 'ext.cnf', '-out', path.join(CONFIG, 'localhost.crt')]);
-  copyFileSync(path.join(REPO, 'manifests', 'examples', 'backend.yaml'), path.join(CONFIG, 'backend.yaml'));
+  writeExampleBackendYaml(path.join(CONFIG, 'backend.yaml'), BACKEND_PORT);
   writeFileSync(path.join(CONFIG, 'tls.yaml'), `# Standalone mode: the Secret's PEM comes from files next to this manifest.
 apiVersion: v1
 kind: Secret
@@ -209,15 +138,8 @@ function openMany({ n, want, timeoutMs }) {
 }
 
 check(`Chromium: ${STREAMS} EventSource streams to one origin over h2 all receive at once`, async () => {
-  assert(existsSync(CHROMIUM), `no browser at ${CHROMIUM}`);
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    timeout: 30000,
-    // The certificate is from a throw-away CA the browser does not know.
-    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-quic',
-      '--no-first-run', '--disable-component-update', '--disable-sync', '--ignore-certificate-errors'],
-  });
+  // The certificate is from a throw-away CA the browser does not know.
+  browser = await launchChromium(['--ignore-certificate-errors']);
   const context = await browser.newContext({ ignoreHTTPSErrors: true });
   const page = await context.newPage();
   await page.goto(`${ORIGIN}/e2e-page-does-not-exist`, { timeout: 10000 });
@@ -231,16 +153,11 @@ check(`Chromium: ${STREAMS} EventSource streams to one origin over h2 all receiv
 // ---------------------------------------------------------------- main
 
 async function main() {
-  for (const bin of [BACKEND_BIN, SSEGATE_BIN]) {
-    assert(existsSync(bin), `${bin} not built; run: cargo build --release --bin ssegate --example sse-backend`);
-  }
-  for (const addr of [BACKEND, LISTEN, HTTPS, ADMIN]) {
-    assert(!(await portInUse(addr)), `${addr} is already in use`);
-  }
+  assertBuilt();
   makeConfig();
-  const backend = start('sse-backend', BACKEND_BIN, ['--listen', BACKEND]);
+  const backend = procs.start('sse-backend', BACKEND_BIN, ['--listen', BACKEND]);
   await waitFor200(`http://${BACKEND}/healthz`, backend, 10000);
-  const gate = start('ssegate', SSEGATE_BIN, ['run', '--config', CONFIG, '--listen', LISTEN,
+  const gate = procs.start('ssegate', SSEGATE_BIN, ['run', '--config', CONFIG, '--listen', LISTEN,
     '--listen-tls', HTTPS, '--admin', ADMIN, '--https-port', String(HTTPS_PORT)]);
   await waitFor200(`http://${ADMIN}/readyz`, gate, 30000);
   log(`ssegate ready: ${ORIGIN} (TLS), http://${LISTEN} (plain)`);
@@ -256,7 +173,7 @@ async function main() {
       log(`FAIL - ${name}\n${err instanceof CheckError ? err.message : err.stack}`);
     }
   }
-  if (failed) for (const c of children) log(`--- last lines of ${path.relative(REPO, c.logFile)}:\n${tail(c.logFile)}`);
+  if (failed) procs.logTails();
   console.log(`tls: ${checks.length - failed} passed, ${failed} failed`);
   return failed === 0;
 }
@@ -264,7 +181,7 @@ async function main() {
 let ok = false;
 const overall = setTimeout(async () => {
   log('FAIL - overall timeout of 120 s reached');
-  await stopAll();
+  await procs.stopAll();
   process.exit(1);
 }, 120000);
 try {
@@ -273,7 +190,7 @@ try {
   log(`FAIL - ${err instanceof CheckError ? err.message : err.stack}`);
 } finally {
   if (browser) await browser.close().catch(() => {});
-  await stopAll();
+  await procs.stopAll();
   clearTimeout(overall);
 }
 process.exit(ok ? 0 : 1);
