@@ -203,3 +203,37 @@ export async function launchChromium(extraArgs = []) {
       '--no-first-run', '--disable-component-update', '--disable-sync', ...extraArgs],
   });
 }
+
+/**
+ * Runs a suite's `main` (resolving true when every check passed) and stops `procs` whatever
+ * happens: on a thrown error (logged with the processes' logs), on SIGINT/SIGTERM and after
+ * `timeoutMs` (both exit at once). `cleanup` runs before the processes are stopped (browsers,
+ * clients); `termMs` is [`Processes.stopAll`]'s. Resolves whether the suite passed.
+ */
+export async function runSuite({ log, procs, main, timeoutMs, cleanup = async () => {}, termMs = 2000 }) {
+  const overall = setTimeout(async () => {
+    log(`FAIL - overall timeout of ${timeoutMs / 1000} s reached`);
+    procs.logTails();
+    await procs.stopAll(termMs);
+    process.exit(1);
+  }, timeoutMs);
+  for (const sig of ['SIGINT', 'SIGTERM']) {
+    process.on(sig, async () => {
+      log(`got ${sig}, stopping`);
+      await procs.stopAll(termMs);
+      process.exit(130);
+    });
+  }
+  let ok = false;
+  try {
+    ok = await main();
+  } catch (err) {
+    log(`FAIL - ${err instanceof CheckError ? err.message : err.stack}`);
+    procs.logTails();
+  } finally {
+    await cleanup();
+    await procs.stopAll(termMs);
+    clearTimeout(overall);
+  }
+  return ok;
+}

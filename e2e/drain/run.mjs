@@ -26,8 +26,8 @@ import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { EventSource } from 'eventsource';
 import {
-  BACKEND_BIN, CheckError, Processes, REPO, SSEGATE_BIN, assert, assertBuilt, freePorts, logger, sleep, status, tail,
-  waitFor200,
+  BACKEND_BIN, Processes, REPO, SSEGATE_BIN, assert, assertBuilt, freePorts, logger, sleep, status, tail,
+  runSuite, waitFor200,
 } from '../lib.mjs';
 
 const WORK = path.join(REPO, 'e2e', '.work', 'drain');
@@ -248,24 +248,13 @@ endpoints:
   log(`ok   - the eventsource clients waited their retry: hint before reconnecting`);
 }
 
-let ok = false;
-const overall = setTimeout(async () => {
-  log('FAIL - overall timeout of 90 s reached');
-  procs.logTails();
-  await procs.stopAll(0);
-  process.exit(1);
-}, 90000);
-
-try {
-  await main();
-  ok = true;
-} catch (err) {
-  log(`FAIL - ${err instanceof CheckError ? err.message : err.stack}`);
-  procs.logTails();
-} finally {
-  for (const c of clients) c.stop();
-  await procs.stopAll(0);
-  clearTimeout(overall);
-}
+const ok = await runSuite({
+  log,
+  procs,
+  main: async () => { await main(); return true; },
+  timeoutMs: 90000,
+  cleanup: async () => { for (const c of clients) c.stop(); },
+  termMs: 0,
+});
 console.log(`drain: ${ok ? '1 passed, 0 failed' : '0 passed, 1 failed'}`);
 process.exit(ok ? 0 : 1);

@@ -31,7 +31,7 @@ import path from 'node:path';
 import { EventSource as NodeEventSource } from 'eventsource';
 import {
   BACKEND_BIN, CheckError, Processes, REPO, SSEGATE_BIN, Skip, assert, assertBuilt, copyExampleConfig,
-  freePorts, launchChromium, logger, waitFor200,
+  freePorts, launchChromium, logger, runSuite, waitFor200,
 } from '../lib.mjs';
 
 const SOURCE_CONFIG = path.resolve(REPO, process.env.SSEGATE_E2E_CONFIG || 'manifests/examples');
@@ -380,29 +380,11 @@ async function main() {
   return failed === 0;
 }
 
-let ok = false;
-const overall = setTimeout(async () => {
-  log(`FAIL - overall timeout of ${TIMEOUT_S} s reached`);
-  procs.logTails();
-  await procs.stopAll();
-  process.exit(1);
-}, TIMEOUT_S * 1000);
-
-for (const sig of ['SIGINT', 'SIGTERM']) {
-  process.on(sig, async () => {
-    log(`got ${sig}, stopping`);
-    await procs.stopAll();
-    process.exit(130);
-  });
-}
-
-try {
-  ok = await main();
-} catch (err) {
-  log(`FAIL - ${err instanceof CheckError ? err.message : err.stack}`);
-} finally {
-  if (browser) await browser.close().catch(() => {});
-  await procs.stopAll();
-  clearTimeout(overall);
-}
+const ok = await runSuite({
+  log,
+  procs,
+  main,
+  timeoutMs: TIMEOUT_S * 1000,
+  cleanup: async () => { if (browser) await browser.close().catch(() => {}); },
+});
 process.exit(ok ? 0 : 1);

@@ -23,7 +23,7 @@ import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import {
   BACKEND_BIN, CheckError, Processes, REPO, SSEGATE_BIN, assert, assertBuilt, freePorts, launchChromium, logger,
-  sleep, waitFor200, writeExampleBackendYaml,
+  runSuite, sleep, waitFor200, writeExampleBackendYaml,
 } from '../lib.mjs';
 
 const WORK = path.join(REPO, 'e2e', '.work', 'tls');
@@ -178,19 +178,11 @@ async function main() {
   return failed === 0;
 }
 
-let ok = false;
-const overall = setTimeout(async () => {
-  log('FAIL - overall timeout of 120 s reached');
-  await procs.stopAll();
-  process.exit(1);
-}, 120000);
-try {
-  ok = await main();
-} catch (err) {
-  log(`FAIL - ${err instanceof CheckError ? err.message : err.stack}`);
-} finally {
-  if (browser) await browser.close().catch(() => {});
-  await procs.stopAll();
-  clearTimeout(overall);
-}
+const ok = await runSuite({
+  log,
+  procs,
+  main,
+  timeoutMs: 120000,
+  cleanup: async () => { if (browser) await browser.close().catch(() => {}); },
+});
 process.exit(ok ? 0 : 1);
