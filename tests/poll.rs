@@ -293,9 +293,13 @@ async fn disconnect_during_a_long_call_cancels_it() {
     let mut backend = JsonBackend::start().await;
     let (_cfg, ss) = setup(&[&backend], "{minWait: 0s}").await;
     let addr = ss.proxy_addr;
+    // The client leaves only once the next call is held by the backend: leaving right after
+    // `data: 1` would race the proxy sending that call (the case of the next test).
+    let (leave, left) = tokio::sync::oneshot::channel::<()>();
     let client = tokio::spawn(async move {
         let mut resp = get(addr, "h", "/api/stream").await;
         resp.read_until("data: 1\n").await;
+        let _ = left.await;
         drop(resp);
     });
     backend
@@ -304,6 +308,7 @@ async fn disconnect_during_a_long_call_cancels_it() {
         .json(r#"{"list":[1],"continue":true,"wait":0}"#);
     // A long-poll: the backend holds this call while the client leaves.
     let held = backend.next_call().await;
+    leave.send(()).unwrap();
     client.await.unwrap();
     eventually("the stream is closed", || async {
         sample(
@@ -313,6 +318,42 @@ async fn disconnect_during_a_long_call_cancels_it() {
     })
     .await;
     held.json(r#"{"list":[2],"continue":true,"wait":0}"#);
+    assert!(
+        backend
+            .call_within(Duration::from_millis(500))
+            .await
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn disconnect_between_calls_ends_the_stream_and_the_calls() {
+    let mut backend = JsonBackend::start().await;
+    let (_cfg, ss) = setup(&[&backend], "{minWait: 0s}").await;
+    let addr = ss.proxy_addr;
+    let client = tokio::spawn(async move {
+        let mut resp = get(addr, "h", "/api/stream").await;
+        resp.read_until("data: 1\n").await;
+        drop(resp);
+    });
+    backend
+        .next_call()
+        .await
+        .json(r#"{"list":[1],"continue":true,"wait":0}"#);
+    client.await.unwrap();
+    // The client left while the proxy was about to make the next call: it may or may not have
+    // gone out, but the stream closes either way, and at most that one call is made.
+    let next = backend.call_within(Duration::from_millis(200)).await;
+    eventually("the stream is closed", || async {
+        sample(
+            &metrics(&ss).await,
+            r#"ssegate_connections_active{route="apps/orders"}"#,
+        ) == Some(0.0)
+    })
+    .await;
+    if let Some(call) = next {
+        call.json(r#"{"list":[2],"continue":true,"wait":0}"#);
+    }
     assert!(
         backend
             .call_within(Duration::from_millis(500))
