@@ -355,23 +355,86 @@ impl Listeners {
     }
 }
 
+/// What both modes start with: metrics, readiness, the shared routing table, the drain
+/// signal and the listeners (bound first, so a busy port fails at once).
+struct Core {
+    metrics: Metrics,
+    ready: Readiness,
+    table: SharedTable,
+    drain: Drain,
+    listeners: Listeners,
+}
+
+impl Core {
+    async fn new(cfg: &ServerConfig) -> anyhow::Result<Self> {
+        Ok(Core {
+            metrics: Metrics::new(),
+            ready: Readiness::default(),
+            table: Arc::new(ArcSwap::from_pointee(RouteTable::empty())),
+            drain: Drain::new(),
+            listeners: Listeners::bind(cfg).await?,
+        })
+    }
+
+    /// A publisher into this core's table, with `compile` settings.
+    fn publisher(&self, compile: CompileOptions) -> Publisher {
+        Publisher::new(
+            self.table.clone(),
+            compile,
+            self.metrics.clone(),
+            self.ready.clone(),
+        )
+    }
+
+    /// Starts the admin server and the proxies (TLS with `listeners.fallback` as the
+    /// certificate of last resort). Returns the running handle; the caller adds its
+    /// source's tasks to it.
+    fn serve(self, cfg: &ServerConfig) -> anyhow::Result<Running> {
+        let Core {
+            metrics,
+            ready,
+            table,
+            drain,
+            listeners,
+        } = self;
+        let mut tasks = JoinSet::new();
+        tasks.spawn(admin::serve(
+            listeners.admin_listener,
+            metrics.clone(),
+            ready.clone(),
+        ));
+        let workers = spawn_proxies(
+            &mut tasks,
+            Proxy::new(
+                table.clone(),
+                cfg.proxy.clone(),
+                metrics.clone(),
+                drain.clone(),
+            ),
+            listeners.proxy,
+            listeners.fallback,
+            listeners.tls_addr.is_some(),
+        )?;
+        Ok(Running {
+            proxy_addr: listeners.proxy_addr,
+            admin_addr: listeners.admin_addr,
+            tls_addr: listeners.tls_addr,
+            metrics,
+            ready,
+            table,
+            drain,
+            tasks,
+            workers,
+            shutdown: None,
+        })
+    }
+}
+
 /// Starts ssegate on manifests in `dir`: binds both listeners (failing fast if it cannot),
 /// loads the directory, and keeps watching it.
 pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result<Running> {
     anyhow::ensure!(dir.is_dir(), "--config {}: not a directory", dir.display());
-    let metrics = Metrics::new();
-    let ready = Readiness::default();
-    let table: SharedTable = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
-    let drain = Drain::new();
-
-    let Listeners {
-        proxy: sockets,
-        admin_listener,
-        fallback,
-        proxy_addr,
-        admin_addr,
-        tls_addr,
-    } = Listeners::bind(&cfg).await?;
+    let mut core = Core::new(&cfg).await?;
 
     // The --default-cert pair (checked at bind time) is re-read with every load as a Secret,
     // so editing the files reloads it like any certificate (a bad edit keeps the last good).
@@ -379,35 +442,19 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
     let default_cert = cfg
         .default_cert
         .clone()
-        .filter(|_| tls_addr.is_some() && compile.default_cert_secret.is_none());
-    let fallback = match default_cert {
-        Some(_) => {
-            let (ns, name) = files::DEFAULT_CERT_SECRET;
-            compile.default_cert_secret = Some(format!("{ns}/{name}"));
-            None
-        }
-        None => fallback,
-    };
-    let mut publisher = Publisher::new(table.clone(), compile, metrics.clone(), ready.clone());
+        .filter(|_| core.listeners.tls_addr.is_some() && compile.default_cert_secret.is_none());
+    if default_cert.is_some() {
+        let (ns, name) = files::DEFAULT_CERT_SECRET;
+        compile.default_cert_secret = Some(format!("{ns}/{name}"));
+        core.listeners.fallback = None;
+    }
+    let mut publisher = core.publisher(compile);
     // The first load happens before serving, so the first request sees the configuration.
     let (fp, first) = files::load_dir_fingerprinted(&dir, default_cert.as_ref());
     on_load(&mut publisher, first);
 
-    let mut tasks = JoinSet::new();
-    tasks.spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
-    let workers = spawn_proxies(
-        &mut tasks,
-        Proxy::new(
-            table.clone(),
-            cfg.proxy.clone(),
-            metrics.clone(),
-            drain.clone(),
-        ),
-        sockets,
-        fallback,
-        tls_addr.is_some(),
-    )?;
-    tasks.spawn(files::watch(
+    let mut running = core.serve(&cfg)?;
+    running.tasks.spawn(files::watch(
         dir,
         default_cert,
         Some(fp),
@@ -415,19 +462,8 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
         cfg.reload_debounce,
         move |r| on_load(&mut publisher, r),
     ));
-    tracing::info!(%proxy_addr, tls_addr = ?tls_addr, %admin_addr, workers = cfg.workers, "ssegate started");
-    Ok(Running {
-        proxy_addr,
-        admin_addr,
-        tls_addr,
-        metrics,
-        ready,
-        table,
-        drain,
-        tasks,
-        workers,
-        shutdown: None,
-    })
+    tracing::info!(proxy_addr = %running.proxy_addr, tls_addr = ?running.tls_addr, admin_addr = %running.admin_addr, workers = cfg.workers, "ssegate started");
+    Ok(running)
 }
 
 /// Starts ssegate against an API server: binds both listeners, then watches the cluster.
@@ -438,44 +474,15 @@ pub async fn start_cluster(
     cluster: ClusterConfig,
     cfg: ServerConfig,
 ) -> anyhow::Result<Running> {
-    let metrics = Metrics::new();
-    let ready = Readiness::default();
-    let table: SharedTable = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
-    let drain = Drain::new();
-    let Listeners {
-        proxy: sockets,
-        admin_listener,
-        fallback,
-        proxy_addr,
-        admin_addr,
-        tls_addr,
-    } = Listeners::bind(&cfg).await?;
-
-    let publisher = Publisher::new(
-        table.clone(),
-        cfg.compile.clone(),
-        metrics.clone(),
-        ready.clone(),
-    );
+    let core = Core::new(&cfg).await?;
+    let publisher = core.publisher(cfg.compile.clone());
     let (status_tx, status_rx) = watch::channel(Arc::new(Vec::new()));
     let (leader_tx, leader_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
-    let mut tasks = JoinSet::new();
-    tasks.spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
-    let workers = spawn_proxies(
-        &mut tasks,
-        Proxy::new(
-            table.clone(),
-            cfg.proxy.clone(),
-            metrics.clone(),
-            drain.clone(),
-        ),
-        sockets,
-        fallback,
-        tls_addr.is_some(),
-    )?;
-    tasks.spawn(kube_source::run(
+    let mut running = core.serve(&cfg)?;
+    let metrics = running.metrics.clone();
+    running.tasks.spawn(kube_source::run(
         client.clone(),
         KubeSourceConfig {
             namespace: cluster.namespace.clone(),
@@ -486,7 +493,7 @@ pub async fn start_cluster(
         publisher,
         status_tx,
     ));
-    tasks.spawn(writer::run(
+    running.tasks.spawn(writer::run(
         client.clone(),
         status_rx,
         leader_rx,
@@ -497,20 +504,10 @@ pub async fn start_cluster(
         client,
         cluster.lease,
         leader_tx,
-        metrics.clone(),
+        metrics,
         shutdown_rx,
     ));
-    tracing::info!(%proxy_addr, tls_addr = ?tls_addr, %admin_addr, workers = cfg.workers, lease = %format!("{}/{}", lease.namespace, lease.name), identity = %lease.identity, "ssegate started (cluster mode)");
-    Ok(Running {
-        proxy_addr,
-        admin_addr,
-        tls_addr,
-        metrics,
-        ready,
-        table,
-        drain,
-        tasks,
-        workers,
-        shutdown: Some((shutdown_tx, leader_task)),
-    })
+    running.shutdown = Some((shutdown_tx, leader_task));
+    tracing::info!(proxy_addr = %running.proxy_addr, tls_addr = ?running.tls_addr, admin_addr = %running.admin_addr, workers = cfg.workers, lease = %format!("{}/{}", lease.namespace, lease.name), identity = %lease.identity, "ssegate started (cluster mode)");
+    Ok(running)
 }
