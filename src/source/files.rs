@@ -13,6 +13,10 @@
 //! [`CA_FILE_ANNOTATION`] → `ca.crt`. A missing file is a load error; bad PEM content is
 //! reported on the routes that use the Secret.
 //!
+//! Re-checks are cheap: a load records each file's identity (device, inode, size, mtime,
+//! ctime) and the watcher reads and parses again only when one of them, or the set of files,
+//! changed (see [`Fingerprint`]).
+//!
 //! A load is all or nothing: if any file cannot be read or parsed, the whole load fails with
 //! one [`LoadError`] per bad document, and the caller keeps serving the last good table.
 //! Problems that concern a single route's meaning (a missing Service, a bad path) are not
@@ -22,8 +26,9 @@ use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::fmt;
 use std::hash::{Hash, Hasher};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -72,6 +77,9 @@ pub struct Loaded {
     pub origins: HashMap<String, PathBuf>,
     /// Hash of the PEM files Secrets referenced by annotation, as read by this load.
     pub referenced_files_hash: u64,
+    /// The files read besides the manifests (annotated PEM files, `--default-cert`), each
+    /// stamped just before it was read (`None`: it could not be read).
+    referenced: Vec<(PathBuf, Option<Stamp>)>,
 }
 
 impl Loaded {
@@ -85,13 +93,27 @@ impl Loaded {
 
 /// Reads every manifest under `dir`.
 pub fn load_dir(dir: &Path) -> Result<Loaded, Vec<LoadError>> {
-    let files = list_files(dir).map_err(|e| {
-        vec![LoadError {
-            path: dir.to_path_buf(),
-            reason: format!("cannot read directory: {e}"),
-        }]
-    })?;
+    let (loaded, errors) = load_dir_parts(dir);
+    if errors.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(errors)
+    }
+}
+
+/// [`load_dir`], keeping what was read (and stamped) even when the load failed.
+fn load_dir_parts(dir: &Path) -> (Loaded, Vec<LoadError>) {
     let mut loaded = Loaded::default();
+    let files = match list_files(dir) {
+        Ok(files) => files,
+        Err(e) => {
+            let error = LoadError {
+                path: dir.to_path_buf(),
+                reason: format!("cannot read directory: {e}"),
+            };
+            return (loaded, vec![error]);
+        }
+    };
     let mut errors = Vec::new();
     for path in files {
         match std::fs::read_to_string(&path) {
@@ -102,11 +124,170 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, Vec<LoadError>> {
             }),
         }
     }
-    if errors.is_empty() {
-        Ok(loaded)
-    } else {
-        Err(errors)
+    (loaded, errors)
+}
+
+/// What a load saw. Two fingerprints are equal when their loads read the same contents (the
+/// manifests' names and contents, and the files they reference); besides that, it keeps a
+/// [`Stamp`] of every file read, so that [`Fingerprint::unchanged`] can tell, without
+/// reading or parsing anything, whether a new load could read something else.
+#[derive(Clone, Debug)]
+pub struct Fingerprint {
+    hash: u64,
+    /// The manifests found (`Err`: the directory could not be listed).
+    manifests: Result<Vec<(PathBuf, Stamp)>, std::io::ErrorKind>,
+    /// The other files the load read.
+    referenced: Vec<(PathBuf, Option<Stamp>)>,
+}
+
+impl PartialEq for Fingerprint {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
     }
+}
+
+impl Fingerprint {
+    /// True when the manifests under `dir` are the same files and every file the load read
+    /// is still as stamped; the stamps are then refreshed (a file stops being racy once its
+    /// mtime is old enough). False as soon as anything differs, or when the directory could
+    /// not be listed: the caller loads again.
+    pub fn unchanged(&mut self, dir: &Path) -> bool {
+        let now = SystemTime::now();
+        let Ok(old) = &self.manifests else {
+            return false;
+        };
+        let Ok(files) = list_files(dir) else {
+            return false;
+        };
+        if files.len() != old.len() || files.iter().zip(old).any(|(f, (p, _))| f != p) {
+            return false;
+        }
+        let mut manifests = Vec::with_capacity(old.len());
+        for (path, stamp) in old {
+            match stamp.recheck(path, now) {
+                Some(fresh) => manifests.push((path.clone(), fresh)),
+                None => return false,
+            }
+        }
+        let mut referenced = Vec::with_capacity(self.referenced.len());
+        for (path, stamp) in &self.referenced {
+            let fresh = match stamp {
+                Some(stamp) => match stamp.recheck(path, now) {
+                    Some(fresh) => Some(fresh),
+                    None => return false,
+                },
+                // Could not be read: unchanged while it still cannot be stamped.
+                None => match Stamp::take(path, now) {
+                    Some(_) => return false,
+                    None => None,
+                },
+            };
+            referenced.push((path.clone(), fresh));
+        }
+        self.manifests = Ok(manifests);
+        self.referenced = referenced;
+        true
+    }
+}
+
+/// How recently modified a file must be for its metadata alone not to prove it unchanged: a
+/// rewrite within the filesystem's timestamp granularity (up to 2 s on some) keeps the same
+/// mtime, so the contents of such a "racy" file are hashed and compared too.
+const RACY: Duration = Duration::from_secs(2);
+
+/// A file's identity and metadata when a load read it, and, while it is racy (see [`RACY`]),
+/// a hash of its contents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Stamp {
+    meta: FileMeta,
+    hash: Option<u64>,
+}
+
+/// What `stat` says of a file (following symlinks, so a ConfigMap's `..data` swap shows as
+/// other inodes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileMeta {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileMeta {
+    fn of(path: &Path) -> Option<(FileMeta, SystemTime)> {
+        let m = std::fs::metadata(path).ok()?;
+        let meta = FileMeta {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        };
+        Some((meta, m.modified().ok()?))
+    }
+}
+
+fn content_hash(path: &Path) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(h.finish())
+}
+
+impl Stamp {
+    /// Stamps `path` as of `now`; `None` if it cannot be read.
+    fn take(path: &Path, now: SystemTime) -> Option<Stamp> {
+        let (meta, modified) = FileMeta::of(path)?;
+        Stamp::with(meta, modified, now, || content_hash(path))
+    }
+
+    fn with(
+        meta: FileMeta,
+        modified: SystemTime,
+        now: SystemTime,
+        hash: impl FnOnce() -> Option<u64>,
+    ) -> Option<Stamp> {
+        // A future mtime (clock skew) is racy too.
+        let racy = now.duration_since(modified).map_or(true, |age| age < RACY);
+        let hash = if racy { Some(hash()?) } else { None };
+        Some(Stamp { meta, hash })
+    }
+
+    /// A fresh stamp of `path` if it is still as this stamp says, `None` if it changed.
+    fn recheck(&self, path: &Path, now: SystemTime) -> Option<Stamp> {
+        let (meta, modified) = FileMeta::of(path)?;
+        self.recheck_with(meta, modified, now, || content_hash(path))
+    }
+
+    fn recheck_with(
+        &self,
+        meta: FileMeta,
+        modified: SystemTime,
+        now: SystemTime,
+        hash: impl Fn() -> Option<u64>,
+    ) -> Option<Stamp> {
+        if meta != self.meta {
+            return None;
+        }
+        // Racy when stamped: the same metadata does not prove the same contents.
+        if let Some(old) = self.hash
+            && hash()? != old
+        {
+            return None;
+        }
+        Stamp::with(meta, modified, now, hash)
+    }
+}
+
+/// Stamps the manifests under `dir`.
+fn stamp_dir(dir: &Path, now: SystemTime) -> Result<Vec<(PathBuf, Stamp)>, std::io::ErrorKind> {
+    let files = list_files(dir).map_err(|e| e.kind())?;
+    // A file that vanished since the listing gets no stamp: the next check sees the set differ.
+    Ok(files
+        .into_iter()
+        .filter_map(|f| Stamp::take(&f, now).map(|s| (f, s)))
+        .collect())
 }
 
 /// Loads `dir` and fingerprints it: the manifests' names and contents plus the contents of
@@ -117,20 +298,33 @@ pub fn load_dir(dir: &Path) -> Result<Loaded, Vec<LoadError>> {
 pub fn load_dir_fingerprinted(
     dir: &Path,
     default_cert: Option<&DefaultCertFiles>,
-) -> (u64, Result<Loaded, Vec<LoadError>>) {
-    // Manifests are fingerprinted before loading: a change racing with the load is then
-    // seen as a change on the next check.
+) -> (Fingerprint, Result<Loaded, Vec<LoadError>>) {
+    // Manifests are stamped and fingerprinted before loading: a change racing with the load
+    // is then seen as a change on the next check.
+    let manifests = stamp_dir(dir, SystemTime::now());
     let fp = fingerprint(dir);
-    let mut result = load_dir(dir);
-    if let (Ok(loaded), Some(files)) = (&mut result, default_cert)
-        && let Err(e) = add_default_cert(loaded, files)
+    let (mut loaded, mut errors) = load_dir_parts(dir);
+    if errors.is_empty()
+        && let Some(files) = default_cert
+        && let Err(e) = add_default_cert(&mut loaded, files)
     {
-        result = Err(vec![e]);
+        errors.push(e);
     }
+    let referenced = std::mem::take(&mut loaded.referenced);
+    let result = if errors.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(errors)
+    };
     let extra = result.as_ref().map_or(0, |l| l.referenced_files_hash);
     let mut h = DefaultHasher::new();
     (fp, extra).hash(&mut h);
-    (h.finish(), result)
+    let fingerprint = Fingerprint {
+        hash: h.finish(),
+        manifests,
+        referenced,
+    };
+    (fingerprint, result)
 }
 
 /// A cheap fingerprint of the directory's manifest files (names and contents), used to skip
@@ -236,7 +430,7 @@ fn add_object(value: Value, path: &Path, loaded: &mut Loaded) -> Result<(), Stri
             let secret = snap.secrets.last_mut().expect("just pushed");
             let mut h = DefaultHasher::new();
             loaded.referenced_files_hash.hash(&mut h);
-            resolve_secret(secret, path, &mut h)?;
+            resolve_secret(secret, path, &mut h, &mut loaded.referenced)?;
             loaded.referenced_files_hash = h.finish();
             key
         }
@@ -269,6 +463,8 @@ fn add_default_cert(loaded: &mut Loaded, (cert, key): &DefaultCertFiles) -> Resu
         ("--default-cert", cert, crate::tls::TLS_CRT),
         ("--default-key", key, crate::tls::TLS_KEY),
     ] {
+        let stamp = Stamp::take(path, SystemTime::now());
+        loaded.referenced.push((path.clone(), stamp));
         let bytes = std::fs::read(path).map_err(|e| LoadError {
             path: path.clone(),
             reason: format!("{flag}: cannot read file: {e}"),
@@ -299,6 +495,7 @@ fn resolve_secret(
     secret: &mut k8s_openapi::api::core::v1::Secret,
     manifest: &Path,
     hasher: &mut DefaultHasher,
+    read: &mut Vec<(PathBuf, Option<Stamp>)>,
 ) -> Result<(), String> {
     use k8s_openapi::ByteString;
     let data = secret.data.get_or_insert_with(Default::default);
@@ -318,6 +515,7 @@ fn resolve_secret(
             .parent()
             .unwrap_or(Path::new("."))
             .join(file.trim());
+        read.push((file.clone(), Stamp::take(&file, SystemTime::now())));
         let bytes = std::fs::read(&file).map_err(|e| {
             format!(
                 "annotation {annotation}: cannot read {}: {e}",
@@ -380,23 +578,67 @@ fn redact_quoted(msg: &str) -> String {
     out
 }
 
+/// The directory as the watcher last loaded it. [`DirWatch::check`] reads and parses again
+/// only when a file changed (see [`Fingerprint::unchanged`]), and reports a load only when
+/// what it read differs from the last load.
+pub struct DirWatch {
+    dir: PathBuf,
+    default_cert: Option<DefaultCertFiles>,
+    last: Option<Fingerprint>,
+    loads: u64,
+}
+
+impl DirWatch {
+    /// Watches `dir` (with the `default_cert` files read as in [`load_dir_fingerprinted`]);
+    /// `last` is the fingerprint of a load the caller already did.
+    pub fn new(
+        dir: PathBuf,
+        default_cert: Option<DefaultCertFiles>,
+        last: Option<Fingerprint>,
+    ) -> Self {
+        DirWatch {
+            dir,
+            default_cert,
+            last,
+            loads: 0,
+        }
+    }
+
+    /// Loads the directory again if any file changed since the last load; returns the
+    /// result when it differs from the last load's (`None`: nothing new). Blocking.
+    pub fn check(&mut self) -> Option<Result<Loaded, Vec<LoadError>>> {
+        if let Some(last) = &mut self.last
+            && last.unchanged(&self.dir)
+        {
+            return None;
+        }
+        self.loads += 1;
+        let (fp, result) = load_dir_fingerprinted(&self.dir, self.default_cert.as_ref());
+        let same = self.last.as_ref() == Some(&fp);
+        // Keep the new stamps even when the contents are the same (a file was touched).
+        self.last = Some(fp);
+        (!same).then_some(result)
+    }
+}
+
 /// Watches `dir` and calls `on_load` with every changed load result. `loaded` is the
-/// fingerprint of a load the caller already did (it is not repeated). Changes are noticed through filesystem notifications and, as a fallback for
-/// filesystems without them, a poll every `poll`; bursts are coalesced for `debounce`.
-/// Unchanged contents never trigger a reload. `default_cert` files are read on every load
-/// (see [`load_dir_fingerprinted`]); outside `dir`, their changes are noticed by the poll.
-/// Runs until the task is dropped.
+/// fingerprint of a load the caller already did (it is not repeated). Changes are noticed
+/// through filesystem notifications and, as a fallback for filesystems without them, a poll
+/// every `poll`; bursts are coalesced for `debounce`. A check reads and parses nothing unless
+/// a file changed (see [`DirWatch`]), and unchanged contents never trigger a reload.
+/// `default_cert` files are read on every load (see [`load_dir_fingerprinted`]); outside
+/// `dir`, their changes are noticed by the poll. Runs until the task is dropped.
 pub async fn watch(
     dir: PathBuf,
     default_cert: Option<DefaultCertFiles>,
-    loaded: Option<u64>,
+    loaded: Option<Fingerprint>,
     poll: Duration,
     debounce: Duration,
     mut on_load: impl FnMut(Result<Loaded, Vec<LoadError>>),
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let _watcher = start_notify(&dir, tx);
-    let mut last = loaded;
+    let mut state = Some(DirWatch::new(dir.clone(), default_cert.clone(), loaded));
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -407,18 +649,21 @@ pub async fn watch(
                 while rx.try_recv().is_ok() {}
             }
         }
-        let d = dir.clone();
-        let dc = default_cert.clone();
-        let Ok((fp, result)) =
-            tokio::task::spawn_blocking(move || load_dir_fingerprinted(&d, dc.as_ref())).await
+        let mut w = state
+            .take()
+            .unwrap_or_else(|| DirWatch::new(dir.clone(), default_cert.clone(), None));
+        let Ok((w, result)) = tokio::task::spawn_blocking(move || {
+            let result = w.check();
+            (w, result)
+        })
+        .await
         else {
             continue;
         };
-        if last == Some(fp) {
-            continue;
+        state = Some(w);
+        if let Some(result) = result {
+            on_load(result);
         }
-        last = Some(fp);
-        on_load(result);
     }
 }
 
@@ -634,6 +879,164 @@ mod tests {
                 .reason
                 .contains("cannot read directory")
         );
+    }
+
+    /// Sets `path`'s mtime `secs` seconds into the past (so it is not racy).
+    fn age(path: &Path, secs: u64) {
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(SystemTime::now() - Duration::from_secs(secs))
+            .unwrap();
+    }
+
+    /// Rewrites `path` in place (same inode) and gives it back its old mtime, as an editor
+    /// saving twice within one timestamp tick would leave it.
+    fn rewrite_in_place(path: &Path, text: &str) {
+        let before = std::fs::metadata(path).unwrap().modified().unwrap();
+        std::fs::write(path, text).unwrap();
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(before).unwrap();
+    }
+
+    fn routes(result: Option<Result<Loaded, Vec<LoadError>>>) -> Vec<String> {
+        let loaded = result.expect("a new load").expect("a good load");
+        let mut paths: Vec<String> = loaded
+            .snapshot
+            .routes
+            .iter()
+            .flat_map(|r| r.spec.rules.iter().map(|rule| rule.path_match.path.clone()))
+            .collect();
+        paths.sort();
+        paths
+    }
+
+    #[test]
+    fn an_unchanged_directory_is_not_read_again_and_every_change_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let route = d.join("route.yaml");
+        std::fs::write(&route, ROUTE).unwrap();
+        std::fs::create_dir(d.join("certs")).unwrap();
+        std::fs::write(d.join("certs/a.crt"), "CERT-1").unwrap();
+        std::fs::write(d.join("certs/a.key"), "KEY-1").unwrap();
+        std::fs::write(
+            d.join("secret.yaml"),
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: a\n  annotations:\n    ssegate.io/tls-cert-file: certs/a.crt\n    ssegate.io/tls-key-file: certs/a.key\n",
+        )
+        .unwrap();
+        let pair = (d.join("certs/default.crt"), d.join("certs/default.key"));
+        std::fs::write(&pair.0, "DEFAULT-CERT-1").unwrap();
+        std::fs::write(&pair.1, "DEFAULT-KEY-1").unwrap();
+        for f in ["route.yaml", "secret.yaml", "certs/a.crt", "certs/a.key"] {
+            age(&d.join(f), 60);
+        }
+        age(&pair.0, 60);
+        age(&pair.1, 60);
+
+        let mut w = DirWatch::new(d.to_path_buf(), Some(pair.clone()), None);
+        assert_eq!(routes(w.check()), ["/feed"]);
+        assert_eq!(w.loads, 1);
+        for _ in 0..3 {
+            assert!(w.check().is_none());
+        }
+        assert_eq!(
+            w.loads, 1,
+            "an unchanged directory is not read or parsed again"
+        );
+
+        // Touched, same contents: read again, but no new load is reported.
+        age(&route, 30);
+        assert!(w.check().is_none());
+        assert_eq!(w.loads, 2);
+        assert!(w.check().is_none());
+        assert_eq!(w.loads, 2);
+
+        // Rewritten in place with the same size and the same mtime.
+        rewrite_in_place(&route, &ROUTE.replace("/feed", "/fee2"));
+        assert_eq!(routes(w.check()), ["/fee2"]);
+
+        // A referenced PEM file and the --default-cert file, edited in place.
+        rewrite_in_place(&d.join("certs/a.crt"), "CERT-2");
+        assert!(
+            w.check().is_some(),
+            "an annotated PEM file edit is a change"
+        );
+        rewrite_in_place(&pair.0, "DEFAULT-CERT-2");
+        assert!(w.check().is_some(), "a --default-cert edit is a change");
+        assert!(w.check().is_none());
+
+        // Files added and removed.
+        let other = ROUTE
+            .replace("name: feed", "name: other")
+            .replace("/feed", "/other");
+        std::fs::write(d.join("other.yaml"), &other).unwrap();
+        assert_eq!(routes(w.check()), ["/fee2", "/other"]);
+        std::fs::remove_file(d.join("other.yaml")).unwrap();
+        assert_eq!(routes(w.check()), ["/fee2"]);
+
+        // A referenced file that goes missing fails the load; its return is noticed.
+        std::fs::rename(d.join("certs/a.key"), d.join("a.key.bak")).unwrap();
+        assert!(w.check().unwrap().is_err());
+        let loads = w.loads;
+        assert!(w.check().is_none());
+        assert_eq!(w.loads, loads, "still missing: nothing to read again");
+        std::fs::rename(d.join("a.key.bak"), d.join("certs/a.key")).unwrap();
+        assert!(w.check().unwrap().is_ok());
+    }
+
+    #[test]
+    fn a_configmap_style_symlink_swap_is_a_change() {
+        // Like a mounted ConfigMap: route.yaml -> ..data/route.yaml, ..data -> ..v1, and an
+        // update writes ..v2 and swaps ..data. Same size, same mtime: only the inode differs.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for (v, path) in [("..v1", "/feed"), ("..v2", "/fee2")] {
+            std::fs::create_dir(d.join(v)).unwrap();
+            std::fs::write(d.join(v).join("route.yaml"), ROUTE.replace("/feed", path)).unwrap();
+            age(&d.join(v).join("route.yaml"), 60);
+        }
+        std::os::unix::fs::symlink("..v1", d.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/route.yaml", d.join("route.yaml")).unwrap();
+        let mut w = DirWatch::new(d.to_path_buf(), None, None);
+        assert_eq!(routes(w.check()), ["/feed"]);
+        assert!(w.check().is_none());
+        std::os::unix::fs::symlink("..v2", d.join("..data_tmp")).unwrap();
+        std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+        assert_eq!(routes(w.check()), ["/fee2"]);
+    }
+
+    #[test]
+    fn a_same_size_rewrite_within_a_timestamp_tick_is_noticed_by_the_content_hash() {
+        // On a filesystem with coarse timestamps, an in-place rewrite of the same size within
+        // one tick leaves every piece of metadata as it was: only the contents tell.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("route.yaml");
+        std::fs::write(&path, "data: 1\n").unwrap();
+        let (meta, modified) = FileMeta::of(&path).unwrap();
+        let now = SystemTime::now();
+        let stamp = Stamp::take(&path, now).unwrap();
+        assert!(stamp.hash.is_some(), "a file modified just now is racy");
+        let same_meta =
+            |stamp: &Stamp| stamp.recheck_with(meta, modified, now, || content_hash(&path));
+        assert!(same_meta(&stamp).is_some(), "same metadata, same contents");
+        std::fs::write(&path, "data: 2\n").unwrap();
+        assert!(
+            same_meta(&stamp).is_none(),
+            "same metadata but other contents is a change"
+        );
+
+        // Stamped long after its mtime, a file is not racy: its metadata is proof enough, and
+        // a recheck reads nothing.
+        let later = modified + Duration::from_secs(10);
+        let settled = Stamp::with(meta, modified, later, || panic!("read")).unwrap();
+        assert_eq!(settled.hash, None);
+        let fresh = settled.recheck_with(meta, modified, later, || panic!("read"));
+        assert_eq!(fresh, Some(settled.clone()));
+        // Once a racy stamp is rechecked after the window, the fresh stamp is settled.
+        std::fs::write(&path, "data: 1\n").unwrap();
+        let refreshed = stamp
+            .recheck_with(meta, modified, later, || content_hash(&path))
+            .unwrap();
+        assert_eq!(refreshed.hash, None);
     }
 
     /// Property tests: arbitrary YAML and JSON never panic the loader or the compiler, and
