@@ -9,7 +9,9 @@
 # unwinder), CA certificates, tzdata and an /etc/passwd with user nonroot (65532); no shell, no
 # package manager. ssegate links only libc, libm, libgcc_s and the dynamic loader, all of which
 # are there, and is built against the same glibc, so every symbol version it needs exists.
-# TLS is rustls with webpki roots compiled in; no OpenSSL.
+# TLS is rustls with webpki roots compiled in; no OpenSSL. C code (ring, and mimalloc, the
+# binary's allocator) is compiled by the cc crate with the gcc that the rust slim image carries as
+# its linker, and linked statically.
 #
 # It runs as the numeric user 65532 (so the kubelet can verify runAsNonRoot), on ports above
 # 1024 (no capability needed), writing nothing to disk (the chart's readOnlyRootFilesystem).

@@ -10,6 +10,41 @@ use ssegate::routing::CompileOptions;
 use ssegate::server::{ClusterConfig, ServerConfig, start_cluster, start_standalone};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc: RSS stays flat under connection churn where glibc's per-thread arenas fragment
+/// (benches/SOAK.md). Only this binary uses it; the library and its tests keep the system
+/// allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_arena_eager_commit` in mimalloc 2.x's `mi_option_t` (include/mimalloc.h; the
+/// sys crate names only some options).
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+
+/// Makes mimalloc reserve its arenas uncommitted by default; `MIMALLOC_ARENA_EAGER_COMMIT`
+/// (or its legacy name) still wins when set.
+///
+/// mimalloc's own default (2: eager where the OS overcommits, i.e. on Linux) commits each
+/// 1 GiB arena as it is reserved; with it, RSS still crept up in the 5,000-stream soak, and
+/// with arenas committed on demand it stayed flat (benches/SOAK.md).
+///
+/// `mi_option_set_default` changes an option's default unless it was already set (from the
+/// environment or by `mi_option_set`), so the environment keeps priority whether mimalloc's
+/// own constructor has read it yet or not. The setting must be in place before the first
+/// arena is reserved, at the first allocation, and Rust's runtime allocates before `main` (the
+/// main thread's name): hence an ELF constructor, at the priority std uses for its own
+/// argument capture, which runs before every default-priority constructor and before the Rust
+/// runtime starts. `tests/allocator.rs` checks the running binary's arena mapping.
+#[cfg(target_os = "linux")]
+#[used]
+#[unsafe(link_section = ".init_array.00099")]
+static ALLOCATOR_DEFAULTS: extern "C" fn() = {
+    extern "C" fn allocator_defaults() {
+        // SAFETY: a valid option id; options are plain globals and no other thread exists.
+        unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+    }
+    allocator_defaults
+};
+
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
