@@ -795,6 +795,91 @@ mod tests {
         ));
     }
 
+    /// Property tests of the head parser, which reads raw client bytes: arbitrary input never
+    /// panics, and a valid head is recognised whole, wherever the bytes are cut.
+    mod proptests {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        /// A head hyper would accept: method, path, version and `name: value` lines.
+        fn head() -> impl Strategy<Value = (String, Vec<(String, String)>)> {
+            let method = prop::sample::select(&["GET", "HEAD", "DELETE", "OPTIONS", "X-ONE"][..]);
+            let path = vec(
+                prop::sample::select(&["/", "a", "%2F", "?", "&", "=", "b"][..]),
+                0..10,
+            )
+            .prop_map(|p| format!("/{}", p.concat()));
+            let version = prop::sample::select(&["HTTP/1.0", "HTTP/1.1"][..]);
+            let name = prop::sample::select(
+                &[
+                    "host",
+                    "Last-Event-ID",
+                    "connection",
+                    "x-a",
+                    "Cookie",
+                    "accept",
+                ][..],
+            );
+            let value = "[ -~]{0,20}".prop_map(|v| v.trim().to_string());
+            (method, path, version, vec((name, value), 0..8)).prop_map(|(m, p, v, h)| {
+                let h: Vec<(String, String)> =
+                    h.into_iter().map(|(n, v)| (n.to_string(), v)).collect();
+                (format!("{m} {p} {v}\r\n"), h)
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 1024,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(
+                raw in prop_oneof![
+                    vec(any::<u8>(), 0..300),
+                    vec(prop::sample::select(b"GET /: \r\nHTTP/1.1\x00\xff\tPRI*".to_vec()), 0..120),
+                ],
+                max in 0usize..16,
+            ) {
+                if let Parsed::Request { len, .. } = parse(&raw, max) {
+                    prop_assert!(len <= raw.len());
+                }
+            }
+
+            #[test]
+            fn a_valid_head_is_parsed_whole_at_any_cut(
+                (line, headers) in head(),
+                pipelined in vec(any::<u8>(), 0..40),
+            ) {
+                let mut raw = line.into_bytes();
+                for (n, v) in &headers {
+                    raw.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
+                }
+                raw.extend_from_slice(b"\r\n");
+                let len = raw.len();
+                for cut in 0..len {
+                    prop_assert!(
+                        matches!(parse(&raw[..cut], 100), Parsed::Partial),
+                        "cut at {}", cut
+                    );
+                }
+                raw.extend_from_slice(&pipelined);
+                let (req, parsed_len, _) = request(parse(&raw, 100));
+                prop_assert_eq!(parsed_len, len);
+                prop_assert_eq!(req.headers().len(), headers.len());
+                for (n, v) in &headers {
+                    prop_assert!(
+                        req.headers().get_all(n.as_str()).iter().any(|x| x == v.as_str()),
+                        "{}: {}", n, v
+                    );
+                }
+            }
+        }
+    }
+
     /// Writes everything of `out` into a vector, `step` bytes per write at most.
     fn drain_out(out: &mut Out, step: usize) -> Vec<u8> {
         let mut wire = Vec::new();

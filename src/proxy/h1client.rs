@@ -747,6 +747,97 @@ mod tests {
         assert!(dec.is_done());
     }
 
+    /// Property tests of what reads raw upstream bytes: arbitrary input never panics the head
+    /// parser or the body decoder, and any chunked encoding of a body, cut anywhere, decodes
+    /// back to it.
+    mod proptests {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        fn bytes() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                vec(any::<u8>(), 0..300),
+                vec(
+                    prop::sample::select(b"HTTP/1.1 200 \r\n:;0aF\x00\xff\t x-a".to_vec()),
+                    0..150
+                ),
+            ]
+        }
+
+        fn framing() -> impl Strategy<Value = Framing> {
+            prop_oneof![
+                Just(Framing::Chunked),
+                Just(Framing::Close),
+                (0u64..200).prop_map(Framing::Length),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 1024,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn arbitrary_heads_never_panic(raw in bytes(), is_head in any::<bool>()) {
+                let mut buf = BytesMut::from(&raw[..]);
+                if let Ok(Some(_)) = parse_head(&mut buf, is_head) {
+                    prop_assert!(buf.len() < raw.len(), "a head consumes bytes");
+                }
+            }
+
+            #[test]
+            fn arbitrary_bodies_never_panic(
+                raw in bytes(),
+                framing in framing(),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let at = cut.index(raw.len() + 1);
+                if let Ok((out, _)) = feed(framing, &[&raw[..at], &raw[at..]]) {
+                    prop_assert!(out.len() <= raw.len());
+                }
+            }
+
+            #[test]
+            fn any_chunked_encoding_decodes_back_at_any_cut(
+                chunks in vec((vec(any::<u8>(), 1..40), any::<bool>(), any::<bool>()), 0..8),
+                trailer in any::<bool>(),
+                cuts in (any::<prop::sample::Index>(), any::<prop::sample::Index>()),
+            ) {
+                let mut wire = Vec::new();
+                let mut body = Vec::new();
+                for (data, upper, ext) in &chunks {
+                    let size = if *upper {
+                        format!("{:X}", data.len())
+                    } else {
+                        format!("{:x}", data.len())
+                    };
+                    wire.extend_from_slice(size.as_bytes());
+                    if *ext {
+                        wire.extend_from_slice(b";name=\"v\"");
+                    }
+                    wire.extend_from_slice(b"\r\n");
+                    wire.extend_from_slice(data);
+                    wire.extend_from_slice(b"\r\n");
+                    body.extend_from_slice(data);
+                }
+                wire.extend_from_slice(b"0\r\n");
+                if trailer {
+                    wire.extend_from_slice(b"x-t: 1\r\n");
+                }
+                wire.extend_from_slice(b"\r\n");
+                let mut at = [cuts.0.index(wire.len() + 1), cuts.1.index(wire.len() + 1)];
+                at.sort_unstable();
+                let pieces = [&wire[..at[0]], &wire[at[0]..at[1]], &wire[at[1]..]];
+                let (out, done) = feed(Framing::Chunked, &pieces).unwrap();
+                prop_assert_eq!(out, body);
+                prop_assert!(done);
+            }
+        }
+    }
+
     fn head(wire: &[u8], is_head: bool) -> Result<Option<Head>, Error> {
         parse_head(&mut BytesMut::from(wire), is_head)
     }
