@@ -247,6 +247,10 @@ fn pct(a: f64, b: f64) -> f64 {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Arc::new(Args::parse());
+    // Every stream is a socket here too: raise the soft fd limit like ssegate does.
+    if let Err(e) = ssegate::workers::raise_nofile_limit() {
+        eprintln!("cannot raise the open-files limit: {e}");
+    }
     let bin_dir = args.bin_dir.clone().unwrap_or_else(|| {
         let exe = std::env::current_exe().unwrap();
         // target/release/examples/soak -> target/release
@@ -280,14 +284,27 @@ async fn main() -> std::process::ExitCode {
         &work.path().join("ssegate.log"),
     );
     let pid = gate.id();
-    for _ in 0..100 {
-        if TcpStream::connect(proxy).await.is_ok() && TcpStream::connect(backend_addr).await.is_ok()
-        {
+    // Ready means the first table is published; the worker threads may still be opening their
+    // listeners and pollers then, so the idle measurement waits until the fds stop changing.
+    let ready_by = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = http_get(admin, "/readyz")
+            .await
+            .is_some_and(|(s, _)| s == 200);
+        if ready && TcpStream::connect(backend_addr).await.is_ok() {
             break;
+        }
+        if Instant::now() > ready_by {
+            eprintln!("ssegate or the backend did not become ready within 30 s");
+            for child in [&mut gate, &mut backend] {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            return std::process::ExitCode::FAILURE;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let idle = measure(pid);
+    let idle = settled(pid).await;
 
     let stats = Arc::new(Stats::default());
     let churn = Arc::new(AtomicBool::new(false));
@@ -368,7 +385,7 @@ async fn main() -> std::process::ExitCode {
     let end = measure(pid);
     let end_open = stats.open.load(Ordering::Relaxed);
     reloads.abort();
-    let metrics = reqwest_metrics(admin).await;
+    let metrics = http_get(admin, "/metrics").await.unwrap_or_default().1;
     let reload_ok = sample(
         &metrics,
         r#"ssegate_config_reloads_total{result="success"}"#,
@@ -448,28 +465,35 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-/// ssegate's `/metrics` text.
-async fn reqwest_metrics(admin: SocketAddr) -> String {
-    let Ok(sock) = TcpStream::connect(admin).await else {
-        return String::new();
-    };
-    let Ok((mut tx, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(sock)).await else {
-        return String::new();
-    };
+/// Status and body of `GET path` on ssegate's admin listener.
+async fn http_get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let sock = TcpStream::connect(admin).await.ok()?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(sock))
+        .await
+        .ok()?;
     tokio::spawn(conn);
-    let req = http::Request::get("/metrics")
+    let req = http::Request::get(path)
         .header("host", "admin")
         .body(Empty::<Bytes>::new())
         .unwrap();
-    match tx.send_request(req).await {
-        Ok(resp) => resp
-            .into_body()
-            .collect()
-            .await
-            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-            .unwrap_or_default(),
-        Err(_) => String::new(),
+    let resp = tx.send_request(req).await.ok()?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Open fds and RSS of `pid` once the fd count held still for a second (at most 10 s).
+async fn settled(pid: u32) -> (usize, u64) {
+    let mut last = measure(pid);
+    let mut still = 0;
+    let until = Instant::now() + Duration::from_secs(10);
+    while still < 4 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = measure(pid);
+        still = if now.0 == last.0 { still + 1 } else { 0 };
+        last = now;
     }
+    last
 }
 
 fn sample(metrics: &str, series: &str) -> Option<f64> {
