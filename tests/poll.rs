@@ -363,6 +363,48 @@ async fn disconnect_between_calls_ends_the_stream_and_the_calls() {
 }
 
 #[tokio::test]
+async fn a_drain_ends_a_poll_stream_with_a_retry_hint_and_cancels_its_call() {
+    let mut backend = JsonBackend::start().await;
+    let (_cfg, mut ss) = setup(&[&backend], "{minWait: 0s}").await;
+    let addr = ss.proxy_addr;
+    let client = tokio::spawn(async move {
+        let mut resp = get(addr, "h", "/api/stream").await;
+        resp.read_until("data: 1\n\n").await;
+        // Panics on a truncated response: the stream must end cleanly.
+        resp.text().await
+    });
+    backend
+        .next_call()
+        .await
+        .json(r#"{"list":[1],"continue":true,"wait":0}"#);
+    // A long-poll held by the backend when the drain reaches the stream.
+    let held = backend.next_call().await;
+    let out = ss
+        .drain(ssegate::server::DrainConfig {
+            delay: Duration::ZERO,
+            window: Duration::from_millis(200),
+            grace_period: Duration::from_secs(10),
+        })
+        .await;
+    assert_eq!((out.streams_at_start, out.streams_left), (1, 0));
+    let tail = client.await.unwrap();
+    let ms: u64 = tail
+        .strip_prefix("retry: ")
+        .and_then(|t| t.strip_suffix("\n\n"))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("the stream did not end with a retry hint: {tail:?}"));
+    assert!((1000..3000).contains(&ms), "{ms}");
+    // The held call was cancelled with the stream: nothing follows its answer.
+    held.json(r#"{"list":[2],"continue":true,"wait":0}"#);
+    assert!(
+        backend
+            .call_within(Duration::from_millis(500))
+            .await
+            .is_none()
+    );
+}
+
+#[tokio::test]
 async fn retry_after_is_honoured_before_calling_again() {
     let mut backend = JsonBackend::start().await;
     let (_cfg, ss) = setup(&[&backend], "{minWait: 0s}").await;
