@@ -185,33 +185,59 @@ fn summary(r: &Row) -> String {
     )
 }
 
+/// A measurement window on a running load, from [`Window::open`] to [`Window::close`].
+struct Window {
+    c0: Counters,
+    cpu0: Option<f64>,
+    t0: Instant,
+}
+
+impl Window {
+    /// Starts recording latency (from zero) and notes the counters, CPU and time.
+    fn open(load: &Load, t: &Running) -> Self {
+        load.stats.latency.reset();
+        load.stats
+            .recording
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Window {
+            c0: load.stats.counters(),
+            cpu0: cpu(t),
+            t0: Instant::now(),
+        }
+    }
+
+    /// The window's counters, CPU and wall time up to now (latency: [`latency_quantiles`]).
+    fn close(self, load: &Load, t: &Running) -> Row {
+        let c1 = load.stats.counters();
+        let cpu1 = cpu(t);
+        let wall = self.t0.elapsed().as_secs_f64();
+        Row {
+            target: t.kind.name().into(),
+            counters: c1 - self.c0,
+            wall_s: wall,
+            cpu_s: self.cpu0.zip(cpu1).map(|(a, b)| b - a),
+            ..Row::default()
+        }
+    }
+}
+
+/// p50, p99 and max of the latency recorded since the window opened.
+fn latency_quantiles(load: &Load) -> Option<[u64; 3]> {
+    let lat = load.stats.latency.snapshot();
+    lat.quantile(0.5)
+        .map(|p50| [p50, lat.quantile(0.99).unwrap_or(p50), lat.max()])
+}
+
 /// Measures a window of `len` on a running load: counters, CPU and latency.
 async fn window(load: &Load, t: &Running, len: Duration) -> Row {
-    load.stats.latency.reset();
-    load.stats
-        .recording
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    let c0 = load.stats.counters();
-    let cpu0 = cpu(t);
-    let t0 = Instant::now();
+    let w = Window::open(load, t);
     tokio::time::sleep(len).await;
-    let c1 = load.stats.counters();
-    let cpu1 = cpu(t);
-    let wall = t0.elapsed().as_secs_f64();
+    let mut row = w.close(load, t);
     load.stats
         .recording
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    let lat = load.stats.latency.snapshot();
-    Row {
-        target: t.kind.name().into(),
-        counters: c1 - c0,
-        wall_s: wall,
-        cpu_s: cpu0.zip(cpu1).map(|(a, b)| b - a),
-        latency: lat
-            .quantile(0.5)
-            .map(|p50| [p50, lat.quantile(0.99).unwrap_or(p50), lat.max()]),
-        ..Row::default()
-    }
+    row.latency = latency_quantiles(load);
+    row
 }
 
 async fn bulk(plan: &Plan, t: &Running) -> Row {
@@ -301,13 +327,7 @@ async fn scale(plan: &Plan, t: &Running) -> Row {
 async fn reload(plan: &Plan, env: &Env, t: &Running) -> Row {
     let (load, all) = latency_load(plan, t, true).await;
     let reloads_before = reload_count(t).await;
-    load.stats.latency.reset();
-    load.stats
-        .recording
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    let c0 = load.stats.counters();
-    let cpu0 = cpu(t);
-    let t0 = Instant::now();
+    let w = Window::open(&load, t);
     let mut change_errors = vec![];
     for g in 1..=plan.reloads {
         if let Err(e) = change_config(env, t, g) {
@@ -317,32 +337,21 @@ async fn reload(plan: &Plan, env: &Env, t: &Running) -> Row {
     }
     // The last change still has to be picked up.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let c1 = load.stats.counters();
-    let cpu1 = cpu(t);
-    let wall = t0.elapsed().as_secs_f64();
+    let mut row = w.close(&load, t);
     let reloads_after = reload_count(t).await;
-    let lat = load.stats.latency.snapshot();
+    row.latency = latency_quantiles(&load);
     let mut errors = change_errors;
     if !all {
         errors.push("not every stream opened".into());
     }
     errors.extend(load.stats.errors());
     load.stop().await;
-    Row {
-        target: t.kind.name().into(),
-        counters: c1 - c0,
-        wall_s: wall,
-        cpu_s: cpu0.zip(cpu1).map(|(a, b)| b - a),
-        latency: lat
-            .quantile(0.5)
-            .map(|p50| [p50, lat.quantile(0.99).unwrap_or(p50), lat.max()]),
-        reloads: Some((
-            plan.reloads,
-            reloads_before.zip(reloads_after).map(|(a, b)| b - a),
-        )),
-        errors,
-        ..Row::default()
-    }
+    row.reloads = Some((
+        plan.reloads,
+        reloads_before.zip(reloads_after).map(|(a, b)| b - a),
+    ));
+    row.errors = errors;
+    row
 }
 
 /// Reloads the target reports: ssegate's `ssegate_config_reloads_total{result="success"}`.
