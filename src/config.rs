@@ -60,7 +60,7 @@ pub struct RunArgs {
     #[arg(long, env = "SSEGATE_DEFAULT_CERT_SECRET", value_name = "NS/NAME", value_parser = parse_secret_ref, conflicts_with = "default_cert")]
     pub default_cert_secret: Option<String>,
     /// PEM certificate chain file served when no Secret covers a name (with --default-key);
-    /// read at start-up.
+    /// read at start-up and again whenever it or the key file changes.
     #[arg(
         long,
         env = "SSEGATE_DEFAULT_CERT",

@@ -45,7 +45,8 @@ pub struct ServerConfig {
     pub compile: CompileOptions,
     /// Proxy settings.
     pub proxy: ProxyConfig,
-    /// Standalone mode: how often the directory is re-checked without a notification.
+    /// How often the standalone directory (without a notification) and the `--default-cert`
+    /// files are re-checked.
     pub reload_poll: Duration,
     /// Standalone mode: how long a burst of file events is coalesced.
     pub reload_debounce: Duration,
@@ -386,6 +387,24 @@ impl Core {
         )
     }
 
+    /// With a TLS listener, `--default-cert` and no `--default-cert-secret`: the files to
+    /// serve as the Secret [`files::DEFAULT_CERT_SECRET`], which `compile` is pointed at (so
+    /// an edited pair is reloaded like any Secret, and a bad edit keeps the last good one),
+    /// instead of the pair read once at bind time.
+    fn default_cert_as_secret(
+        &mut self,
+        cfg: &ServerConfig,
+        compile: &mut CompileOptions,
+    ) -> Option<files::DefaultCertFiles> {
+        let files = cfg.default_cert.clone().filter(|_| {
+            self.listeners.tls_addr.is_some() && compile.default_cert_secret.is_none()
+        })?;
+        let (ns, name) = files::DEFAULT_CERT_SECRET;
+        compile.default_cert_secret = Some(format!("{ns}/{name}"));
+        self.listeners.fallback = None;
+        Some(files)
+    }
+
     /// Starts the admin server and the proxies (TLS with `listeners.fallback` as the
     /// certificate of last resort). Returns the running handle; the caller adds its
     /// source's tasks to it.
@@ -436,18 +455,9 @@ pub async fn start_standalone(dir: PathBuf, cfg: ServerConfig) -> anyhow::Result
     anyhow::ensure!(dir.is_dir(), "--config {}: not a directory", dir.display());
     let mut core = Core::new(&cfg).await?;
 
-    // The --default-cert pair (checked at bind time) is re-read with every load as a Secret,
-    // so editing the files reloads it like any certificate (a bad edit keeps the last good).
+    // The --default-cert pair (checked at bind time) is re-read with every load.
     let mut compile = cfg.compile.clone();
-    let default_cert = cfg
-        .default_cert
-        .clone()
-        .filter(|_| core.listeners.tls_addr.is_some() && compile.default_cert_secret.is_none());
-    if default_cert.is_some() {
-        let (ns, name) = files::DEFAULT_CERT_SECRET;
-        compile.default_cert_secret = Some(format!("{ns}/{name}"));
-        core.listeners.fallback = None;
-    }
+    let default_cert = core.default_cert_as_secret(&cfg, &mut compile);
     let mut publisher = core.publisher(compile);
     // The first load happens before serving, so the first request sees the configuration.
     let (fp, first) = files::load_dir_fingerprinted(&dir, default_cert.as_ref());
@@ -474,8 +484,23 @@ pub async fn start_cluster(
     cluster: ClusterConfig,
     cfg: ServerConfig,
 ) -> anyhow::Result<Running> {
-    let core = Core::new(&cfg).await?;
-    let publisher = core.publisher(cfg.compile.clone());
+    let mut core = Core::new(&cfg).await?;
+    // The --default-cert pair (checked at bind time) is re-read whenever the files change.
+    let mut compile = cfg.compile.clone();
+    let default_cert = match core.default_cert_as_secret(&cfg, &mut compile) {
+        Some(files) => {
+            let mut cert_watch = files::DefaultCertWatch::new(files);
+            let first = cert_watch.read().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (tx, rx) = watch::channel(vec![first]);
+            Some((
+                files::watch_default_cert(cert_watch, cfg.reload_poll, tx),
+                rx,
+            ))
+        }
+        None => None,
+    };
+    let (default_cert_task, extra_secrets) = default_cert.unzip();
+    let publisher = core.publisher(compile);
     let (status_tx, status_rx) = watch::channel(Arc::new(Vec::new()));
     let (leader_tx, leader_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -489,10 +514,14 @@ pub async fn start_cluster(
             debounce: cfg.reload_debounce,
             max_delay: Duration::from_secs(1),
             class: cfg.compile.class.clone(),
+            extra_secrets,
         },
         publisher,
         status_tx,
     ));
+    if let Some(task) = default_cert_task {
+        running.tasks.spawn(task);
+    }
     running.tasks.spawn(writer::run(
         client.clone(),
         status_rx,

@@ -3,7 +3,8 @@
 End-to-end test of ssegate in cluster mode: the REAL kubectl and the release ssegate binary
 against an API server, the controller issue's scenarios 1-6, and TLS from Secrets (scenario 7:
 SNI and h2 on the TLS listener, certificate rotation under an open stream, a bad certificate
-keeping the last good one, upstream TLS verified with a CA from an Opaque Secret).
+keeping the last good one, upstream TLS verified with a CA from an Opaque Secret), and
+`--default-cert` files reloaded on edit (scenario 8).
 Certificates are made at test time with the openssl CLI.
 
     cargo build --release --bin ssegate --example sse-backend
@@ -189,7 +190,7 @@ def condition(obj: dict, type_: str) -> dict:
 # ------------------------------------------------------------------------------ ssegate
 
 class Replica:
-    def __init__(self, name: str):
+    def __init__(self, name: str, extra_args: tuple[str, ...] = ()):
         self.name = name
         self.port = free_port()
         self.admin = free_port()
@@ -204,6 +205,7 @@ class Replica:
                 '--lease-retry-period', f'{int(RETRY_PERIOD * 1000)}ms', '--identity', name]
         if REAL:
             args += ['--namespace', NS]  # never touch the rest of a real cluster
+        args += extra_args
         env = dict(os.environ, KUBECONFIG=SSEGATE_KUBECONFIG, RUST_LOG='info,ssegate=debug')
         self.proc = spawn(name, args, env)
 
@@ -742,6 +744,44 @@ def check_rbac() -> None:
     log(f'ssegate used: {sorted(used, key=str)}')
 
 
+# ------------------------------------------------------------------------------ default certificate files (scenario 8)
+
+def scenario_8() -> None:
+    log('8: --default-cert/--default-key files in cluster mode: served, reloaded on edit, a bad edit keeps the last good')
+    make_ca('default-ca')
+    cafile = CERTS / 'default-ca.crt'
+    host = 'nothing-routes-this.example'
+    crt1, key1 = make_leaf('default-ca', 'default-1', [host])
+    crt2, key2 = make_leaf('default-ca', 'default-2', [host])
+    crt_file, key_file = CERTS / 'default.crt', CERTS / 'default.key'
+    crt_file.write_text(crt1)
+    key_file.write_text(key1)
+    r = Replica('ssegate-c', ('--default-cert', str(crt_file), '--default-key', str(key_file)))
+    try:
+        wait_for(r.ready, 'ssegate-c (with --default-cert) is ready', timeout=20)
+        got = wait_for(lambda: served_cert(r.tls_port, host, cafile), f'a TLS handshake with SNI {host}')
+        check(got == der(crt1), 'a name no route covers gets the --default-cert certificate')
+        # Renewed in place, key first (as a careful operator would); the pair is re-read.
+        key_file.write_text(key2)
+        crt_file.write_text(crt2)
+        wait_for(lambda: served_cert(r.tls_port, host, cafile) == der(crt2),
+                 'the edited --default-cert files are served', timeout=15)
+        ok('the edited --default-cert files are served without a restart')
+        log_file = WORK / 'ssegate-c.log'
+        unusable = 'default certificate Secret is unusable'
+        before = log_file.read_text().count(unusable)
+        crt_file.write_text('-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n')
+        wait_for(lambda: log_file.read_text().count(unusable) > before, 'the bad edit is logged', timeout=15)
+        check(served_cert(r.tls_port, host, cafile) == der(crt2),
+              'after a bad edit the last good default certificate is still served')
+    finally:
+        r.proc.terminate()
+        try:
+            r.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            r.proc.kill()
+
+
 def main() -> int:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
@@ -756,6 +796,7 @@ def main() -> int:
         scenario_5(replicas)
         scenario_6(replicas, backend_port)
         scenario_7(replicas, backend_port)
+        scenario_8()
         if not REAL:
             check_rbac()
     except CheckFailed as e:

@@ -169,25 +169,31 @@ impl Fingerprint {
                 None => return false,
             }
         }
-        let mut referenced = Vec::with_capacity(self.referenced.len());
-        for (path, stamp) in &self.referenced {
-            let fresh = match stamp {
-                Some(stamp) => match stamp.recheck(path, now) {
-                    Some(fresh) => Some(fresh),
-                    None => return false,
-                },
-                // Could not be read: unchanged while it still cannot be stamped.
-                None => match Stamp::take(path, now) {
-                    Some(_) => return false,
-                    None => None,
-                },
-            };
-            referenced.push((path.clone(), fresh));
-        }
+        let Some(referenced) = recheck_files(&self.referenced, now) else {
+            return false;
+        };
         self.manifests = Ok(manifests);
         self.referenced = referenced;
         true
     }
+}
+
+/// Fresh stamps of `files` if every one is still as stamped (one that could not be read
+/// still cannot), `None` as soon as one changed.
+fn recheck_files(
+    files: &[(PathBuf, Option<Stamp>)],
+    now: SystemTime,
+) -> Option<Vec<(PathBuf, Option<Stamp>)>> {
+    let mut fresh = Vec::with_capacity(files.len());
+    for (path, stamp) in files {
+        let stamp = match stamp {
+            Some(stamp) => Some(stamp.recheck(path, now)?),
+            None if Stamp::take(path, now).is_some() => return None,
+            None => None,
+        };
+        fresh.push((path.clone(), stamp));
+    }
+    Some(fresh)
 }
 
 /// How recently modified a file must be for its metadata alone not to prove it unchanged: a
@@ -488,6 +494,88 @@ fn add_default_cert(loaded: &mut Loaded, (cert, key): &DefaultCertFiles) -> Resu
             ..Default::default()
         });
     Ok(())
+}
+
+/// The `--default-cert`/`--default-key` files on their own, as cluster mode serves them: the
+/// same Secret [`DEFAULT_CERT_SECRET`] that standalone mode adds to every load, read again
+/// only when either file changed (the same [`Stamp`]s as [`DirWatch`]).
+pub struct DefaultCertWatch {
+    files: DefaultCertFiles,
+    /// The files as last read (`None`: never read).
+    stamps: Option<Vec<(PathBuf, Option<Stamp>)>>,
+    /// What the last read gave: the contents' hash, `None` after a failed read.
+    last: Option<u64>,
+}
+
+impl DefaultCertWatch {
+    /// Watches `files`; the first [`DefaultCertWatch::check`] reads them.
+    pub fn new(files: DefaultCertFiles) -> Self {
+        DefaultCertWatch {
+            files,
+            stamps: None,
+            last: None,
+        }
+    }
+
+    /// Reads the files again if either changed since the last read; returns the Secret
+    /// (or why a file cannot be read) when that differs from the last read's (`None`:
+    /// nothing new). Blocking.
+    pub fn check(&mut self) -> Option<Result<k8s_openapi::api::core::v1::Secret, LoadError>> {
+        if let Some(stamps) = &self.stamps
+            && let Some(fresh) = recheck_files(stamps, SystemTime::now())
+        {
+            self.stamps = Some(fresh);
+            return None;
+        }
+        let last = self.last;
+        let result = self.read();
+        (result.is_err() || self.last != last).then_some(result)
+    }
+
+    /// Reads the files (see [`DefaultCertWatch::check`] for reading only on a change).
+    pub fn read(&mut self) -> Result<k8s_openapi::api::core::v1::Secret, LoadError> {
+        let mut loaded = Loaded::default();
+        let result = add_default_cert(&mut loaded, &self.files);
+        self.stamps = Some(std::mem::take(&mut loaded.referenced));
+        self.last = result.as_ref().ok().map(|()| loaded.referenced_files_hash);
+        result.map(|()| loaded.snapshot.secrets.remove(0))
+    }
+}
+
+/// Cluster mode's `--default-cert` reload: checks the files every `poll` (reading them only
+/// when one changed, see [`DefaultCertWatch`]) and sends each new Secret on `tx`. A file
+/// that cannot be read is logged and the last good Secret stays. Runs until dropped.
+pub async fn watch_default_cert(
+    mut files: DefaultCertWatch,
+    poll: Duration,
+    tx: tokio::sync::watch::Sender<Vec<k8s_openapi::api::core::v1::Secret>>,
+) {
+    let mut ticker = tokio::time::interval(poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let checked = tokio::task::spawn_blocking(move || {
+            let result = files.check();
+            (files, result)
+        })
+        .await;
+        let Ok((back, result)) = checked else {
+            tracing::error!("the --default-cert check failed; no longer reloading it");
+            return;
+        };
+        files = back;
+        match result {
+            Some(Ok(secret)) => {
+                tracing::info!("--default-cert files changed; reloading");
+                tx.send_replace(vec![secret]);
+            }
+            Some(Err(e)) => {
+                tracing::error!(path = %e.path.display(), reason = %e.reason, "cannot read the default certificate; keeping the last good one");
+            }
+            None => {}
+        }
+    }
 }
 
 /// Folds `stringData` into `data` and reads annotated PEM files into `data`.
@@ -1037,6 +1125,43 @@ mod tests {
             .recheck_with(meta, modified, later, || content_hash(&path))
             .unwrap();
         assert_eq!(refreshed.hash, None);
+    }
+
+    #[test]
+    fn default_cert_watch_reads_the_pair_again_only_when_it_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = (dir.path().join("d.crt"), dir.path().join("d.key"));
+        std::fs::write(&pair.0, "CERT-1").unwrap();
+        std::fs::write(&pair.1, "KEY-1").unwrap();
+        let crt = |s: &k8s_openapi::api::core::v1::Secret| {
+            String::from_utf8(s.data.as_ref().unwrap()["tls.crt"].0.clone()).unwrap()
+        };
+        let mut w = DefaultCertWatch::new(pair.clone());
+        let first = w.read().unwrap();
+        let (ns, name) = DEFAULT_CERT_SECRET;
+        assert_eq!(
+            (
+                first.metadata.namespace.as_deref(),
+                first.metadata.name.as_deref()
+            ),
+            (Some(ns), Some(name))
+        );
+        assert_eq!(crt(&first), "CERT-1");
+        assert!(w.check().is_none());
+
+        rewrite_in_place(&pair.0, "CERT-2");
+        assert_eq!(crt(&w.check().unwrap().unwrap()), "CERT-2");
+        assert!(w.check().is_none());
+        age(&pair.0, 30);
+        assert!(w.check().is_none(), "touched, same contents: nothing new");
+
+        // A file that cannot be read is reported once; its return is noticed.
+        std::fs::rename(&pair.1, dir.path().join("d.key.bak")).unwrap();
+        let e = w.check().unwrap().unwrap_err();
+        assert!(e.reason.starts_with("--default-key: cannot read"), "{e}");
+        assert!(w.check().is_none());
+        std::fs::rename(dir.path().join("d.key.bak"), &pair.1).unwrap();
+        assert_eq!(crt(&w.check().unwrap().unwrap()), "CERT-2");
     }
 
     /// Property tests: arbitrary YAML and JSON never panic the loader or the compiler, and

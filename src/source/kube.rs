@@ -49,6 +49,9 @@ pub struct KubeSourceConfig {
     pub max_delay: Duration,
     /// The class served (bad routes of other classes are not reported).
     pub class: String,
+    /// Secrets added to every snapshot besides the watched ones (the `--default-cert` pair
+    /// as [`crate::source::files::DEFAULT_CERT_SECRET`]); a change recompiles.
+    pub extra_secrets: Option<watch::Receiver<Vec<Secret>>>,
 }
 
 /// Coalesces bursts of events: fires `quiet` after the last poke, but never later than
@@ -150,6 +153,7 @@ pub async fn run(
     let mut routing_dirty = false;
     let mut reports = Vec::new();
     let mut published = false;
+    let mut extra_secrets = cfg.extra_secrets;
     let scope = cfg.namespace.as_deref().unwrap_or("all namespaces");
     tracing::info!(
         namespaces = scope,
@@ -189,6 +193,15 @@ pub async fn run(
                     debounce.poke(Instant::now());
                 }
             }
+            Some(Ok(())) = async {
+                match &mut extra_secrets {
+                    Some(rx) => Some(rx.changed().await),
+                    None => std::future::pending().await,
+                }
+            } => {
+                routing_dirty = true;
+                debounce.poke(Instant::now());
+            }
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                 debounce.reset();
                 if !index.synced() {
@@ -196,7 +209,11 @@ pub async fn run(
                     continue;
                 }
                 if routing_dirty || !published {
-                    reports = publisher.publish(&index.snapshot(), |_| None);
+                    let mut snapshot = index.snapshot();
+                    if let Some(rx) = &extra_secrets {
+                        snapshot.secrets.extend(rx.borrow().iter().cloned());
+                    }
+                    reports = publisher.publish(&snapshot, |_| None);
                     reports.extend(index.bad_route_reports(&cfg.class));
                     routing_dirty = false;
                     published = true;
