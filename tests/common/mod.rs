@@ -117,6 +117,25 @@ pub struct BackendOpts {
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
+/// A request's head and its whole body (empty if it could not be read).
+async fn read_request(req: Request<Incoming>) -> (http::request::Parts, Bytes) {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    (parts, body)
+}
+
+/// The next item of `rx`, failing the test with `what` if none comes within [`PATIENCE`].
+async fn next_within_patience<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
+    tokio::time::timeout(PATIENCE, rx.recv())
+        .await
+        .expect(what)
+        .unwrap()
+}
+
 /// Accepts connections on an ephemeral 127.0.0.1 port and serves each with the service
 /// `make_svc(peer)` builds for it (see [`serve_conn`]). Returns the address and the
 /// accept task.
@@ -182,12 +201,7 @@ impl Backend {
                 let streams_tx = streams_tx.clone();
                 let reply = reply.clone();
                 async move {
-                    let (parts, body) = req.into_parts();
-                    let body = body
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
+                    let (parts, body) = read_request(req).await;
                     let resp: Response<BackendBody> = match reply {
                         Reply::Sse => {
                             let (tx, rx) = mpsc::channel(64);
@@ -242,10 +256,7 @@ impl Backend {
 
     /// The next request the backend received.
     pub async fn next_stream(&mut self) -> Stream {
-        tokio::time::timeout(PATIENCE, self.streams.recv())
-            .await
-            .expect("backend got no request")
-            .unwrap()
+        next_within_patience(&mut self.streams, "backend got no request").await
     }
 }
 
@@ -612,12 +623,7 @@ impl JsonBackend {
             hyper::service::service_fn(move |req: Request<Incoming>| {
                 let calls_tx = calls_tx.clone();
                 async move {
-                    let (parts, body) = req.into_parts();
-                    let body = body
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
+                    let (parts, body) = read_request(req).await;
                     let (tx, rx) = oneshot::channel();
                     let _ = calls_tx.send(PollCall {
                         parts,
@@ -645,10 +651,7 @@ impl JsonBackend {
 
     /// The next call (bounded by PATIENCE).
     pub async fn next_call(&mut self) -> PollCall {
-        tokio::time::timeout(PATIENCE, self.calls.recv())
-            .await
-            .expect("backend got no call")
-            .unwrap()
+        next_within_patience(&mut self.calls, "backend got no call").await
     }
 
     /// A call arriving within `d`, if any.
