@@ -234,6 +234,49 @@ async fn backend_killed_mid_stream_ends_the_client_response_cleanly_and_is_count
     }
 }
 
+#[tokio::test]
+async fn a_silent_backend_is_cut_by_the_idle_timeout_cleanly_and_counted() {
+    // Keepalives to the client (every 200 ms) do not count as upstream activity.
+    let (mut backend, _cfg, ss) = setup(
+        "      timeouts: {idle: 1s}\n      keepalive: {interval: 200ms}\n",
+        ProxyConfig::default(),
+    )
+    .await;
+    let mut resp = get(ss.proxy_addr, "h", "/events").await;
+    let upstream = backend.next_stream().await;
+    upstream.send("id: 1\ndata: 1\n\n").await;
+    let t0 = Instant::now();
+    // The backend keeps its connection open and sends nothing more. (Bounded: keepalives
+    // would keep the read going forever if the idle cut were missing.)
+    let body = tokio::time::timeout(PATIENCE, read_to_clean_end(&mut resp))
+        .await
+        .expect("the stream was not ended by the idle timeout");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(body.contains("id: 1\ndata: 1\n\n"), "{body:?}");
+    let keepalive = std::str::from_utf8(ssegate::sse::KEEPALIVE).unwrap();
+    assert!(
+        body.contains(keepalive),
+        "no keepalive while idle: {body:?}"
+    );
+    tokio::time::timeout(PATIENCE, upstream.closed)
+        .await
+        .expect("the upstream connection was left open")
+        .unwrap();
+    let m = metrics(&ss).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"ssegate_upstream_errors_total{reason="idle_timeout",route="apps/feed"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_write_timeout_disconnects_a_stalled_client_and_is_counted() {
     let proxy_cfg = ProxyConfig {
