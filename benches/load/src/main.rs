@@ -51,7 +51,8 @@ enum Cmd {
         #[arg(long, required = true)]
         listen: Vec<SocketAddr>,
     },
-    /// Open streams against an address and print counters every second.
+    /// Open streams against an address and print counters (and the last second's latency
+    /// percentiles) every second.
     Clients {
         /// Address to connect to.
         #[arg(long)]
@@ -410,7 +411,9 @@ async fn clients(
         .store(true, std::sync::atomic::Ordering::Relaxed);
     for _ in 0..secs {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        // Percentiles of the last second only.
         let lat = load.stats.latency.snapshot();
+        load.stats.latency.reset();
         println!(
             "{:?} latency p50 {:?} ns p99 {:?} ns",
             load.stats.counters(),
