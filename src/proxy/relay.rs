@@ -288,16 +288,20 @@ impl<B> RelayBody<B> {
         }
         let now = Instant::now();
         let deadline = timers.max_duration.map(|d| now + d);
-        let first = [timers.keepalive, timers.idle, timers.max_duration]
+        let first = [timers.keepalive, timers.idle]
             .into_iter()
             .flatten()
+            .min()
+            .map(|d| coarse(now + d))
+            .into_iter()
+            .chain(deadline)
             .min();
         RelayBody {
             inner,
             framer: Framer::new(),
             sse,
             timers,
-            sleep: first.map(|d| Box::pin(tokio::time::sleep_until(now + d))),
+            sleep: first.map(|at| Box::pin(tokio::time::sleep_until(at))),
             deadline,
             drain,
             drain_at: None,
@@ -313,6 +317,28 @@ impl<B> RelayBody<B> {
             guard,
         }
     }
+}
+
+/// Granularity of the keepalive and upstream idle timers: their deadlines are rounded up to
+/// a multiple of this (on one process-wide grid), so the timers of many streams fall due
+/// together and a worker wakes up once for all of them instead of once per stream (2,000
+/// streams with 15 s keepalives otherwise wake the workers ~130 times a second between
+/// events). Keepalives and idle timeouts are then at most this late. Drain slots, the
+/// retirement grace and `maxDuration` keep exact deadlines.
+pub const TIMER_GRID: Duration = Duration::from_millis(100);
+
+/// `at` rounded up onto the [`TIMER_GRID`].
+fn coarse(at: Instant) -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    if at <= epoch {
+        // (A clock that started before the grid's epoch: tests' paused clocks.)
+        return at;
+    }
+    let grid = TIMER_GRID.as_nanos();
+    let since = (at - epoch).as_nanos();
+    let up = since.div_ceil(grid) * grid;
+    epoch + Duration::from_nanos(u64::try_from(up).unwrap_or(u64::MAX))
 }
 
 /// Arms `sleep` (creating it if the stream had no timer) to fire no later than `at`.
@@ -504,27 +530,29 @@ where
                 metrics.upstream_error("idle_timeout");
                 return Poll::Ready(None);
             }
-            let mut next = (*this.deadline)
+            // Exact deadlines, and the keepalive/idle ones (rounded onto the grid).
+            let exact = (*this.deadline)
                 .into_iter()
                 .chain(*this.drain_at)
                 .chain(*this.retire_by)
-                .chain(this.timers.idle.map(|d| *this.last_upstream + d))
                 .min();
+            let mut periodic = this.timers.idle.map(|d| *this.last_upstream + d);
             if let Some(ka) = this.timers.keepalive {
                 let due = *this.last_sent + ka;
                 if now >= due && at_boundary && !*this.ending {
                     *this.last_sent = now;
                     metrics.keepalives_total.inc();
                     metrics.bytes_sent_total.inc_by(KEEPALIVE.len() as u64);
-                    let again = now + ka;
-                    sleep.as_mut().reset(next.map_or(again, |n| n.min(again)));
+                    let again = coarse(periodic.map_or(now + ka, |p| p.min(now + ka)));
+                    sleep.as_mut().reset(exact.map_or(again, |e| e.min(again)));
                     return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(KEEPALIVE)))));
                 }
                 // Mid-event: never inject; look again one interval later (the upstream's
                 // next bytes move `last_sent` anyway).
                 let ka_next = if now >= due { now + ka } else { due };
-                next = Some(next.map_or(ka_next, |n| n.min(ka_next)));
+                periodic = Some(periodic.map_or(ka_next, |p| p.min(ka_next)));
             }
+            let next = periodic.map(coarse).into_iter().chain(exact).min();
             match next {
                 Some(at) => sleep.as_mut().reset(at),
                 None => {
@@ -653,6 +681,41 @@ mod tests {
         }
     }
 
+    /// Asserts that a keepalive or idle timer fired `elapsed` after its start: not before
+    /// `want`, late by the timer grid at most (plus the timer wheel's millisecond).
+    #[track_caller]
+    fn on_grid_after(elapsed: Duration, want: Duration) {
+        let most = want + TIMER_GRID + Duration::from_millis(1);
+        assert!(
+            elapsed >= want && elapsed <= most,
+            "{elapsed:?}, want {want:?} to {most:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keepalive_timers_of_streams_started_apart_fall_due_together() {
+        // Three streams opened 30 ms apart (within one grid step): their keepalives go out at
+        // the same instant (one wake-up of the worker), none earlier than its interval.
+        let ka15 = Duration::from_secs(15);
+        let grid_point = coarse(Instant::now() + ka15) - ka15;
+        tokio::time::sleep_until(grid_point + Duration::from_millis(10)).await;
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            let (tx, mut body, _rule) = relay(ka(15));
+            send(&tx, "data: a\n\n").await;
+            next(&mut body).await.unwrap();
+            streams.push((tx, body, Instant::now()));
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let mut fired = Vec::new();
+        for (_tx, body, start) in &mut streams {
+            assert_eq!(next(body).await.unwrap(), KEEPALIVE);
+            on_grid_after(start.elapsed(), ka15);
+            fired.push(Instant::now());
+        }
+        assert!(fired.iter().all(|&t| t == fired[0]), "{fired:?}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn keepalive_after_idle_interval_at_boundary() {
         let (tx, mut body, rule) = relay(ka(15));
@@ -660,9 +723,10 @@ mod tests {
         assert_eq!(next(&mut body).await.unwrap(), "data: a\n\n");
         let t0 = Instant::now();
         assert_eq!(next(&mut body).await.unwrap(), KEEPALIVE);
-        assert_eq!(t0.elapsed(), Duration::from_secs(15));
+        let first = t0.elapsed();
+        on_grid_after(first, Duration::from_secs(15));
         assert_eq!(next(&mut body).await.unwrap(), KEEPALIVE);
-        assert_eq!(t0.elapsed(), Duration::from_secs(30));
+        on_grid_after(t0.elapsed() - first, Duration::from_secs(15));
         assert_eq!(rule.metrics.keepalives_total.get(), 2);
         assert_eq!(rule.metrics.events_total.get(), 1);
     }
@@ -684,7 +748,7 @@ mod tests {
         assert_eq!(rule.metrics.keepalives_total.get(), 0);
         // Now at a boundary: the keepalive comes one interval after the last bytes.
         assert_eq!(next(&mut body).await.unwrap(), KEEPALIVE);
-        assert_eq!(t0.elapsed(), Duration::from_secs(75));
+        on_grid_after(t0.elapsed(), Duration::from_secs(75));
     }
 
     #[tokio::test(start_paused = true)]
@@ -733,7 +797,7 @@ mod tests {
         assert_eq!(next(&mut body).await.unwrap(), KEEPALIVE);
         assert_eq!(next(&mut body).await.unwrap(), KEEPALIVE);
         assert_eq!(next(&mut body).await, None);
-        assert_eq!(t0.elapsed(), Duration::from_secs(30));
+        on_grid_after(t0.elapsed(), Duration::from_secs(30));
         assert!(body.is_end_stream());
         let _ = rule;
         drop(tx);
