@@ -441,6 +441,7 @@ impl Conn {
         mut framing: Framing,
     ) -> io::Result<()> {
         let mut ended = false;
+        let mut failed = None;
         poll_fn(|cx| {
             loop {
                 if poll_client(cx, self.io.get_ref(), &mut self.buf, self.limit).is_ready() {
@@ -450,26 +451,44 @@ impl Conn {
                     )));
                 }
                 // The body is polled only once everything before it is written (the head may
-                // still be pending: it goes out with the first frame).
-                if !ended && out.body_written() {
-                    match body.as_mut().poll_frame(cx) {
-                        Poll::Ready(Some(Ok(frame))) => {
-                            if let Ok(data) = frame.into_data() {
-                                framing.frame(out, data)?;
+                // still be pending: it goes out with the first frame). Every frame the body
+                // has ready now is gathered into one write; none is waited for.
+                if !ended && failed.is_none() && out.body_written() {
+                    let (mut frames, mut bytes) = (0, 0);
+                    while frames < MAX_FRAMES && bytes < MAX_GATHER {
+                        match body.as_mut().poll_frame(cx) {
+                            Poll::Ready(Some(Ok(frame))) => {
+                                if let Ok(data) = frame.into_data()
+                                    && !data.is_empty()
+                                {
+                                    frames += 1;
+                                    bytes += data.len();
+                                    framing.frame(out, data)?;
+                                }
                             }
+                            Poll::Ready(Some(Err(e))) => {
+                                // The client must see that the response is truncated (after
+                                // the frames before the failure).
+                                failed = Some(io::Error::other(e));
+                                break;
+                            }
+                            Poll::Ready(None) => {
+                                ended = true;
+                                break;
+                            }
+                            Poll::Pending => break,
                         }
-                        Poll::Ready(Some(Err(e))) => {
-                            // The client must see that the response is truncated.
-                            return Poll::Ready(Err(io::Error::other(e)));
-                        }
-                        Poll::Ready(None) => {
-                            ended = true;
-                            framing.end(out)?;
-                        }
-                        Poll::Pending => {}
+                    }
+                    if ended {
+                        framing.end(out)?;
+                    } else {
+                        framing.seal(out);
                     }
                 }
                 if out.is_empty() {
+                    if let Some(e) = failed.take() {
+                        return Poll::Ready(Err(e));
+                    }
                     return if ended {
                         Poll::Ready(Ok(()))
                     } else {
@@ -485,7 +504,7 @@ impl Conn {
     /// Writes `out` until it is empty.
     fn poll_write_out(&mut self, cx: &mut Context<'_>, out: &mut Out) -> Poll<io::Result<()>> {
         while !out.is_empty() {
-            let mut slices = [IoSlice::new(&[]); 4];
+            let mut slices = [IoSlice::new(&[]); SLICES];
             let n = out.slices(&mut slices);
             let written =
                 std::task::ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]))?;
@@ -549,34 +568,38 @@ enum Framing {
 }
 
 impl Framing {
-    /// Queues one data frame.
+    /// Queues one data frame (for chunked framing, into the chunk [`Framing::seal`] closes).
     fn frame(&mut self, out: &mut Out, data: Bytes) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());
         }
-        match self {
-            Framing::Length(left) => {
-                let len = data.len() as u64;
-                if len > *left {
-                    return Err(io::Error::other(
-                        "response body longer than its content-length",
-                    ));
-                }
-                *left -= len;
-                out.data = data;
+        if let Framing::Length(left) = self {
+            let len = data.len() as u64;
+            if len > *left {
+                return Err(io::Error::other(
+                    "response body longer than its content-length",
+                ));
             }
-            Framing::Chunked => {
-                out.set_chunk_size(data.len());
-                out.data = data;
-                out.tail = b"\r\n";
-            }
-            Framing::Close => out.data = data,
-            Framing::None => {}
+            *left -= len;
+        }
+        if *self != Framing::None {
+            out.push(data);
         }
         Ok(())
     }
 
-    /// Queues the end of the body.
+    /// Frames the data queued since the last write: one chunk for all of it.
+    fn seal(&self, out: &mut Out) {
+        if *self == Framing::Chunked {
+            let len = out.queued();
+            if len > 0 {
+                out.set_chunk_size(len);
+                out.tail = b"\r\n";
+            }
+        }
+    }
+
+    /// Queues the end of the body (after sealing what is queued).
     fn end(&self, out: &mut Out) -> io::Result<()> {
         match self {
             Framing::Length(0) | Framing::Close | Framing::None => Ok(()),
@@ -584,22 +607,70 @@ impl Framing {
                 "response body shorter than its content-length",
             )),
             Framing::Chunked => {
-                out.tail = b"0\r\n\r\n";
+                self.seal(out);
+                out.tail = if out.tail.is_empty() {
+                    b"0\r\n\r\n"
+                } else {
+                    b"\r\n0\r\n\r\n"
+                };
                 Ok(())
             }
         }
     }
 }
 
-/// What is still to be written of a response: its head (until sent), then at most one body
-/// frame with its chunk framing. The frame's `Bytes` are written as they are.
+/// Most body frames gathered into one write.
+const MAX_FRAMES: usize = 32;
+/// Gathering stops once this many body bytes are queued.
+const MAX_GATHER: usize = 64 * 1024;
+/// Slices of one write: head, chunk-size line, the frames, chunk end.
+const SLICES: usize = MAX_FRAMES + 3;
+
+/// Per-thread pool of the vectors that hold gathered frames, so that gathering allocates
+/// nothing and an idle stream holds no vector.
+mod frames_pool {
+    use std::cell::RefCell;
+
+    use bytes::Bytes;
+
+    /// Vectors kept per thread.
+    const KEEP: usize = 64;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Vec<Bytes>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// An empty vector, with room for [`super::MAX_FRAMES`] frames when new.
+    pub fn take() -> Vec<Bytes> {
+        FREE.with_borrow_mut(Vec::pop)
+            .unwrap_or_else(|| Vec::with_capacity(super::MAX_FRAMES))
+    }
+
+    /// Hands a vector back (emptied).
+    pub fn put(mut v: Vec<Bytes>) {
+        v.clear();
+        FREE.with_borrow_mut(|free| {
+            if free.len() < KEEP {
+                free.push(v);
+            }
+        });
+    }
+}
+
+/// What is still to be written of a response: its head (until sent), then the body frames
+/// gathered for one write with their chunk framing. The frames' `Bytes` are written as they
+/// are.
 struct Out {
     head: Vec<u8>,
     head_at: usize,
     size: [u8; 18],
     size_at: u8,
     size_len: u8,
+    /// The frame being written; the frames after it are `more[more_at..]`.
     data: Bytes,
+    /// Pooled; empty (no allocation) unless several frames were gathered.
+    more: Vec<Bytes>,
+    more_at: usize,
     tail: &'static [u8],
 }
 
@@ -612,8 +683,31 @@ impl Out {
             size_at: 0,
             size_len: 0,
             data: Bytes::new(),
+            more: Vec::new(),
+            more_at: 0,
             tail: b"",
         }
+    }
+
+    /// Queues a body frame after those queued.
+    fn push(&mut self, data: Bytes) {
+        if self.data.is_empty() && self.more_at == self.more.len() {
+            self.data = data;
+        } else {
+            if self.more.capacity() == 0 {
+                self.more = frames_pool::take();
+            }
+            self.more.push(data);
+        }
+    }
+
+    /// Body bytes queued.
+    fn queued(&self) -> usize {
+        self.data.len()
+            + self.more[self.more_at..]
+                .iter()
+                .map(Bytes::len)
+                .sum::<usize>()
     }
 
     /// The chunk-size line of a chunk of `len` bytes.
@@ -631,7 +725,10 @@ impl Out {
 
     /// True when the last body frame is written (the head may be pending).
     fn body_written(&self) -> bool {
-        self.size_at == self.size_len && self.data.is_empty() && self.tail.is_empty()
+        self.size_at == self.size_len
+            && self.data.is_empty()
+            && self.more_at == self.more.len()
+            && self.tail.is_empty()
     }
 
     fn is_empty(&self) -> bool {
@@ -639,15 +736,15 @@ impl Out {
     }
 
     /// Fills `slices` with what is left; returns how many are used.
-    fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>; 4]) -> usize {
-        let parts: [&[u8]; 4] = [
+    fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>; SLICES]) -> usize {
+        let mut n = 0;
+        let parts = [
             &self.head[self.head_at..],
             &self.size[usize::from(self.size_at)..usize::from(self.size_len)],
-            &self.data,
-            self.tail,
+            &self.data[..],
         ];
-        let mut n = 0;
-        for p in parts {
+        let more = self.more[self.more_at..].iter().map(|b| &b[..]);
+        for p in parts.into_iter().chain(more).chain([self.tail]) {
             if !p.is_empty() {
                 slices[n] = IoSlice::new(p);
                 n += 1;
@@ -669,9 +766,21 @@ impl Out {
         let size = usize::from(self.size_len - self.size_at).min(n);
         self.size_at += size as u8;
         n -= size;
-        let data = self.data.len().min(n);
-        self.data.advance(data);
-        n -= data;
+        loop {
+            let data = self.data.len().min(n);
+            self.data.advance(data);
+            n -= data;
+            if !self.data.is_empty() || self.more_at == self.more.len() {
+                break;
+            }
+            // Written frames are dropped at once: their read buffer can be reused.
+            self.data = std::mem::take(&mut self.more[self.more_at]);
+            self.more_at += 1;
+        }
+        if self.data.is_empty() && self.more.capacity() > 0 && self.more_at == self.more.len() {
+            frames_pool::put(std::mem::take(&mut self.more));
+            self.more_at = 0;
+        }
         let tail = self.tail.len().min(n);
         self.tail = &self.tail[tail..];
     }
@@ -884,7 +993,7 @@ mod tests {
     fn drain_out(out: &mut Out, step: usize) -> Vec<u8> {
         let mut wire = Vec::new();
         while !out.is_empty() {
-            let mut slices = [IoSlice::new(&[]); 4];
+            let mut slices = [IoSlice::new(&[]); SLICES];
             let n = out.slices(&mut slices);
             let mut written = 0;
             for s in &slices[..n] {
@@ -910,6 +1019,7 @@ mod tests {
                 framing
                     .frame(&mut out, Bytes::from(data.to_string()))
                     .unwrap();
+                framing.seal(&mut out);
                 wire.extend(drain_out(&mut out, step));
             }
             framing.end(&mut out).unwrap();
@@ -920,6 +1030,40 @@ mod tests {
             );
             assert_eq!(String::from_utf8(wire).unwrap(), expect, "step {step}");
         }
+    }
+
+    #[test]
+    fn frames_gathered_for_one_write_form_one_chunk_at_every_partial_write() {
+        for step in 1..60 {
+            let mut out = Out::new(b"HTTP/1.1 200 OK\r\n\r\n".to_vec());
+            let mut framing = Framing::Chunked;
+            for data in ["data: a\n\n", "", "id: 2\n", "data: b\n\n"] {
+                framing
+                    .frame(&mut out, Bytes::from(data.to_string()))
+                    .unwrap();
+            }
+            framing.seal(&mut out);
+            // Head and first chunk go out together.
+            let mut wire = drain_out(&mut out, step);
+            assert!(out.more.capacity() == 0, "the frame vector went back");
+            framing.frame(&mut out, Bytes::from_static(b"x")).unwrap();
+            framing.frame(&mut out, Bytes::from_static(b"yz")).unwrap();
+            framing.end(&mut out).unwrap();
+            wire.extend(drain_out(&mut out, step));
+            assert_eq!(
+                String::from_utf8(wire).unwrap(),
+                "HTTP/1.1 200 OK\r\n\r\n18\r\ndata: a\n\nid: 2\ndata: b\n\n\r\n3\r\nxyz\r\n0\r\n\r\n",
+                "step {step}"
+            );
+        }
+        // Close-delimited bodies are the frames, unframed.
+        let mut out = Out::new(Vec::new());
+        let mut framing = Framing::Close;
+        for data in ["a", "bc", "d"] {
+            framing.frame(&mut out, Bytes::from(data)).unwrap();
+        }
+        framing.end(&mut out).unwrap();
+        assert_eq!(drain_out(&mut out, 2), b"abcd");
     }
 
     #[test]

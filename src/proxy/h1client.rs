@@ -17,7 +17,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -80,36 +80,46 @@ pub(crate) mod pool {
     /// Capacity of a read buffer. A busy stream reads into the free rest of its buffer until
     /// less than [`MIN_READ`] is left, then reclaims it (or takes another).
     pub const READ_BUF: usize = 16 * 1024;
+    /// Capacity of a hot stream's read buffer (one whose reads fill the space they are
+    /// given): fewer, fuller reads, and fewer, larger writes to the client.
+    pub const HOT_READ_BUF: usize = 64 * 1024;
     /// Smallest free space read into.
     pub const MIN_READ: usize = 2 * 1024;
-    /// Buffers kept per thread.
+    /// Buffers kept per thread and size.
     const KEEP: usize = 32;
 
     thread_local! {
         static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+        static FREE_HOT: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
     }
 
     /// Gives `buf` room for at least [`MIN_READ`] more bytes, reusing its memory, a pooled
-    /// buffer's, or (when neither is free) a new one. Keeps `buf`'s contents.
-    pub fn ready(buf: &mut BytesMut) {
+    /// buffer's, or (when neither is free) a new one of `size` ([`READ_BUF`] or
+    /// [`HOT_READ_BUF`]). Keeps `buf`'s contents.
+    pub fn ready(buf: &mut BytesMut, size: usize) {
         if buf.capacity() - buf.len() >= MIN_READ {
             return;
         }
         if !buf.is_empty() {
             // A partial line or head waits for its rest: grow (copies only those bytes).
-            buf.reserve(READ_BUF);
+            buf.reserve(size);
             return;
         }
         // Spent: reuse it once every slice handed out from it is gone, else another one.
-        if !buf.try_reclaim(READ_BUF) {
-            *buf = take();
+        if !buf.try_reclaim(size) {
+            *buf = take(size);
         }
     }
 
-    /// An empty buffer with at least [`MIN_READ`] free.
-    fn take() -> BytesMut {
-        FREE.with_borrow_mut(Vec::pop)
-            .unwrap_or_else(|| BytesMut::with_capacity(READ_BUF))
+    /// An empty buffer of `size` with at least [`MIN_READ`] free.
+    fn take(size: usize) -> BytesMut {
+        let list = if size >= HOT_READ_BUF {
+            &FREE_HOT
+        } else {
+            &FREE
+        };
+        list.with_borrow_mut(Vec::pop)
+            .unwrap_or_else(|| BytesMut::with_capacity(size))
     }
 
     /// Hands the buffer back when it holds nothing: an idle stream keeps no buffer. Pooled
@@ -121,7 +131,12 @@ pub(crate) mod pool {
         }
         let mut buf = std::mem::take(buf);
         if buf.capacity() >= MIN_READ || buf.try_reclaim(READ_BUF) {
-            FREE.with_borrow_mut(|free| {
+            let list = if buf.capacity() >= HOT_READ_BUF {
+                &FREE_HOT
+            } else {
+                &FREE
+            };
+            list.with_borrow_mut(|free| {
                 if free.len() < KEEP {
                     free.push(buf);
                 }
@@ -481,6 +496,7 @@ pub async fn exchange(
                 io: Some(stream),
                 buf,
                 decoder: Decoder::new(parsed.framing),
+                hot: false,
             };
             if body.decoder.is_done() {
                 body.finish();
@@ -488,7 +504,7 @@ pub async fn exchange(
             return Ok(parsed.response.map(|()| body));
         }
         stream.readable().await?;
-        pool::ready(&mut buf);
+        pool::ready(&mut buf, pool::READ_BUF);
         match stream.try_read_buf(&mut buf) {
             Ok(0) => return Err(Error::ClosedBeforeHead),
             Ok(_) => {}
@@ -505,6 +521,8 @@ pub struct ResponseBody {
     io: Option<TcpStream>,
     buf: BytesMut,
     decoder: Decoder,
+    // The last reads filled the space they were given: read into a larger buffer.
+    hot: bool,
 }
 
 impl ResponseBody {
@@ -550,30 +568,54 @@ impl Body for ResponseBody {
                     return Poll::Ready(Some(Err(e)));
                 }
             }
-            let Some(io) = this.io.as_ref() else {
+            let Some(io) = this.io.as_mut() else {
                 return Poll::Ready(None);
             };
-            loop {
-                if let Err(e) = ready!(io.poll_read_ready(cx)) {
+            match io.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
                     this.finish();
                     return Poll::Ready(Some(Err(e.into())));
                 }
-                pool::ready(&mut this.buf);
-                match io.try_read_buf(&mut this.buf) {
-                    Ok(0) => {
-                        let res = this.decoder.eof();
-                        this.finish();
-                        return Poll::Ready(res.err().map(Err));
+                Poll::Pending => {
+                    // Nothing in flight: an idle stream keeps no buffer.
+                    pool::release_if_empty(&mut this.buf);
+                    return Poll::Pending;
+                }
+            }
+            // Bytes are waiting: only now is a buffer needed.
+            let size = if this.hot {
+                pool::HOT_READ_BUF
+            } else {
+                pool::READ_BUF
+            };
+            pool::ready(&mut this.buf, size);
+            let room = this.buf.capacity() - this.buf.len();
+            // `poll_read` (not `try_read`) so that a short read, which means the socket
+            // is drained, clears the readiness: the next poll waits without a syscall.
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut this.buf) {
+                Poll::Ready(Ok(0)) => {
+                    let res = this.decoder.eof();
+                    this.finish();
+                    return Poll::Ready(res.err().map(Err));
+                }
+                Poll::Ready(Ok(n)) => {
+                    // Adaptive, like hyper's read strategy: grow while reads fill the
+                    // buffer, shrink back once they use less than half of a small one.
+                    if n >= room {
+                        this.hot = true;
+                    } else if n <= pool::READ_BUF / 2 {
+                        this.hot = false;
                     }
-                    Ok(_) => break,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // Nothing in flight: an idle stream keeps no buffer.
-                        pool::release_if_empty(&mut this.buf);
-                    }
-                    Err(e) => {
-                        this.finish();
-                        return Poll::Ready(Some(Err(e.into())));
-                    }
+                }
+                Poll::Pending => {
+                    // Nothing in flight: an idle stream keeps no buffer.
+                    pool::release_if_empty(&mut this.buf);
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => {
+                    this.finish();
+                    return Poll::Ready(Some(Err(e.into())));
                 }
             }
         }
@@ -1103,6 +1145,38 @@ mod tests {
             .await
             .expect("the upstream socket stayed open")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_reads_fill_the_buffer_reads_into_a_larger_one_and_idles_without() {
+        let s = backend().await;
+        let tcp = TcpStream::connect(s.addr).await.unwrap();
+        s.go.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = exchange(tcp, &get("/")).await.unwrap().into_body();
+        // One 48 KiB chunk, written at once: the first reads fill the 16 KiB buffer.
+        let big: &'static [u8] = Box::leak(
+            [&b"c000\r\n"[..], &[b'x'; 0xc000], b"\r\n"]
+                .concat()
+                .into_boxed_slice(),
+        );
+        s.go.send(big).await.unwrap();
+        let (mut got, mut largest) = (0, 0);
+        while got < 0xc000 {
+            let data = frame(&mut body).await.unwrap().unwrap();
+            got += data.len();
+            largest = largest.max(body.buffer_capacity() + data.len());
+        }
+        assert_eq!(got, 0xc000);
+        assert!(body.hot, "reads filled their buffer");
+        assert!(
+            largest > pool::READ_BUF,
+            "a hot stream reads into a larger buffer ({largest} B)"
+        );
+        // Drained: the stream waits holding no buffer, hot or not.
+        assert!(poll_now(&mut body).is_pending());
+        assert_eq!(body.buffer_capacity(), 0);
     }
 
     #[tokio::test]
