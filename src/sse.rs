@@ -22,7 +22,7 @@
 //! ourselves.
 
 use bytes::BytesMut;
-use memchr::{memchr, memchr_iter, memchr2};
+use memchr::{memchr, memchr2};
 
 /// The keepalive comment injected at boundaries.
 pub const KEEPALIVE: &[u8] = b": keepalive\n\n";
@@ -243,33 +243,73 @@ impl Framer {
             self.skip_bom(chunk)
         };
         let mut dispatched = 0;
-        // Fast path: with no CR in the chunk (and none pending), every line ends at an LF, so
-        // the scan jumps from LF to LF and looks only at the first bytes of each whole line.
-        // A line split across chunks and anything with a CR take the byte-wise scan.
-        if !self.last_cr && memchr(b'\r', &chunk[i..]).is_none() {
+        // Fast path: while no CR is seen, every line ends at an LF, so the scan finds the
+        // LFs 64 bytes at a time and looks only at the first bytes of each whole line. A line
+        // split across chunks and anything from a CR on take the byte-wise scan.
+        if !self.last_cr {
             if self.line != Line::Start {
-                let Some(k) = memchr(b'\n', &chunk[i..]) else {
-                    return self.scan(chunk, i);
-                };
-                dispatched = self.scan(&chunk[..i + k + 1], i);
-                i += k + 1;
-            }
-            let mut start = i;
-            for k in memchr_iter(b'\n', &chunk[i..]) {
-                let end = i + k;
-                if self.whole_line(&chunk[start..end]) {
-                    dispatched = dispatched.saturating_add(1);
+                match memchr2(b'\r', b'\n', &chunk[i..]) {
+                    Some(k) if chunk[i + k] == b'\n' => {
+                        dispatched = self.scan(&chunk[..i + k + 1], i);
+                        i += k + 1;
+                    }
+                    _ => return self.scan(chunk, i),
                 }
-                start = end + 1;
             }
-            i = start;
+            let (n, at) = self.whole_lines(chunk, i);
+            dispatched = dispatched.saturating_add(n);
+            i = at;
         }
         dispatched.saturating_add(self.scan(chunk, i))
     }
 
+    /// Takes the whole LF-terminated lines of `chunk` from `from` (a line start) up to the
+    /// first CR or the last LF; returns the events dispatched and where it stopped (a line
+    /// start).
+    fn whole_lines(&mut self, chunk: &[u8], from: usize) -> (u32, usize) {
+        let mut dispatched = 0u32;
+        // The last valid `id` value among the lines: only it is stored.
+        let mut id = None;
+        let mut start = from;
+        let mut base = from;
+        let mut tail = [0u8; 64];
+        while base < chunk.len() {
+            let block: &[u8; 64] = match chunk.get(base..base + 64) {
+                Some(b) => b.try_into().unwrap_or(&tail),
+                None => {
+                    let rest = &chunk[base..];
+                    tail[..rest.len()].copy_from_slice(rest);
+                    &tail
+                }
+            };
+            let (mut lf, cr) = line_ends(block);
+            if cr != 0 {
+                lf &= (1u64 << cr.trailing_zeros()) - 1;
+            }
+            while lf != 0 {
+                let end = base + lf.trailing_zeros() as usize;
+                lf &= lf - 1;
+                if self.whole_line(&chunk[start..end], &mut id) {
+                    dispatched = dispatched.saturating_add(1);
+                }
+                start = end + 1;
+            }
+            if cr != 0 {
+                break;
+            }
+            base += 64;
+        }
+        if let Some(id) = id {
+            self.id.set(id);
+        }
+        (dispatched, start)
+    }
+
     /// One whole line (without its LF) starting at a line start; true if it dispatched an
-    /// event. Same outcome as the byte-wise [`Framer::scan`] of the line.
-    fn whole_line(&mut self, line: &[u8]) -> bool {
+    /// event. Same outcome as the byte-wise [`Framer::scan`] of the line, except that a valid
+    /// `id` value is left in `id` for the caller to store (a later one replaces it; an invalid
+    /// one, with NUL or too long, is ignored as [`IdStore::finish`] would).
+    fn whole_line<'a>(&mut self, line: &'a [u8], id: &mut Option<&'a [u8]>) -> bool {
         match line.first() {
             None => {
                 let dispatched = self.data_seen;
@@ -289,9 +329,12 @@ impl Framer {
                     }
                 } else if let Some(rest) = line.strip_prefix(b"id") {
                     match rest.split_first() {
-                        None => self.id.set(b""),
+                        None => *id = Some(b""),
                         Some((b':', value)) => {
-                            self.id.finish(value.strip_prefix(b" ").unwrap_or(value));
+                            let value = value.strip_prefix(b" ").unwrap_or(value);
+                            if value.len() <= MAX_ID_LEN && !value.contains(&0) {
+                                *id = Some(value);
+                            }
                         }
                         Some(_) => {}
                     }
@@ -451,6 +494,41 @@ impl Framer {
         i
     }
 }
+
+/// Bit masks of the LF and the CR bytes of a 64-byte block (bit `k` is `block[k]`).
+#[cfg(target_arch = "x86_64")]
+fn line_ends(block: &[u8; 64]) -> (u64, u64) {
+    use std::arch::x86_64::{_mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8};
+    let (mut lf, mut cr) = (0u64, 0u64);
+    for (k, part) in block.chunks_exact(16).enumerate() {
+        // SAFETY: SSE2 is part of the x86_64 baseline; the unaligned load reads the 16 bytes
+        // of `part`.
+        let (l, c) = unsafe {
+            let v = _mm_loadu_si128(part.as_ptr().cast());
+            (
+                _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'\n' as i8))),
+                _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'\r' as i8))),
+            )
+        };
+        lf |= u64::from(l as u16) << (16 * k);
+        cr |= u64::from(c as u16) << (16 * k);
+    }
+    (lf, cr)
+}
+
+/// Bit masks of the LF and the CR bytes of a 64-byte block (bit `k` is `block[k]`).
+#[cfg(any(test, not(target_arch = "x86_64")))]
+fn line_ends_scalar(block: &[u8; 64]) -> (u64, u64) {
+    let (mut lf, mut cr) = (0u64, 0u64);
+    for (k, &b) in block.iter().enumerate() {
+        lf |= u64::from(b == b'\n') << k;
+        cr |= u64::from(b == b'\r') << k;
+    }
+    (lf, cr)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+use line_ends_scalar as line_ends;
 
 /// Error for field values that would break framing.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -912,6 +990,25 @@ mod tests {
         assert!(!at(b"retry: 1\n"));
         assert!(!at(b"foo\n"));
         assert!(at(b"id: 1\n\n"));
+    }
+
+    #[test]
+    fn line_end_masks_match_the_scalar_ones() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        for _ in 0..2000 {
+            let mut block = [0u8; 64];
+            for b in &mut block {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *b = b"\n\rxd\0\xff"[(state % 6) as usize];
+            }
+            assert_eq!(line_ends(&block), line_ends_scalar(&block), "{block:?}");
+        }
+        let mut block = [b'x'; 64];
+        block[0] = b'\n';
+        block[63] = b'\r';
+        assert_eq!(line_ends(&block), (1, 1 << 63));
     }
 
     #[test]
