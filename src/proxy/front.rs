@@ -626,32 +626,52 @@ const MAX_GATHER: usize = 64 * 1024;
 /// Slices of one write: head, chunk-size line, the frames, chunk end.
 const SLICES: usize = MAX_FRAMES + 3;
 
-/// Per-thread pool of the vectors that hold gathered frames, so that gathering allocates
-/// nothing and an idle stream holds no vector.
+/// Body frames gathered for one write: `frames[at..]` are still to be written (the first of
+/// them possibly in part).
+struct Gathered {
+    frames: Vec<Bytes>,
+    at: usize,
+}
+
+impl Gathered {
+    fn rest(&self) -> &[Bytes] {
+        &self.frames[self.at..]
+    }
+}
+
+/// Per-thread pool of [`Gathered`] vectors, so that gathering allocates nothing and an idle
+/// stream holds none.
 mod frames_pool {
     use std::cell::RefCell;
 
-    use bytes::Bytes;
+    use super::Gathered;
 
     /// Vectors kept per thread.
     const KEEP: usize = 64;
 
     thread_local! {
-        static FREE: RefCell<Vec<Vec<Bytes>>> = const { RefCell::new(Vec::new()) };
+        // The boxes are what is reused (an `Out` holds one pointer to it).
+        #[allow(clippy::vec_box)]
+        static FREE: RefCell<Vec<Box<Gathered>>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// An empty vector, with room for [`super::MAX_FRAMES`] frames when new.
-    pub fn take() -> Vec<Bytes> {
-        FREE.with_borrow_mut(Vec::pop)
-            .unwrap_or_else(|| Vec::with_capacity(super::MAX_FRAMES))
+    /// An empty one, with room for [`super::MAX_FRAMES`] frames when new.
+    pub fn take() -> Box<Gathered> {
+        FREE.with_borrow_mut(Vec::pop).unwrap_or_else(|| {
+            Box::new(Gathered {
+                frames: Vec::with_capacity(super::MAX_FRAMES),
+                at: 0,
+            })
+        })
     }
 
-    /// Hands a vector back (emptied).
-    pub fn put(mut v: Vec<Bytes>) {
-        v.clear();
+    /// Hands one back (emptied).
+    pub fn put(mut g: Box<Gathered>) {
+        g.frames.clear();
+        g.at = 0;
         FREE.with_borrow_mut(|free| {
             if free.len() < KEEP {
-                free.push(v);
+                free.push(g);
             }
         });
     }
@@ -666,11 +686,8 @@ struct Out {
     size: [u8; 18],
     size_at: u8,
     size_len: u8,
-    /// The frame being written; the frames after it are `more[more_at..]`.
-    data: Bytes,
-    /// Pooled; empty (no allocation) unless several frames were gathered.
-    more: Vec<Bytes>,
-    more_at: usize,
+    /// The body frames to write; pooled, `None` (no allocation) when there are none.
+    frames: Option<Box<Gathered>>,
     tail: &'static [u8],
 }
 
@@ -682,32 +699,26 @@ impl Out {
             size: [0; 18],
             size_at: 0,
             size_len: 0,
-            data: Bytes::new(),
-            more: Vec::new(),
-            more_at: 0,
+            frames: None,
             tail: b"",
         }
     }
 
-    /// Queues a body frame after those queued.
+    /// Queues a (non-empty) body frame after those queued.
     fn push(&mut self, data: Bytes) {
-        if self.data.is_empty() && self.more_at == self.more.len() {
-            self.data = data;
-        } else {
-            if self.more.capacity() == 0 {
-                self.more = frames_pool::take();
-            }
-            self.more.push(data);
-        }
+        self.frames
+            .get_or_insert_with(frames_pool::take)
+            .frames
+            .push(data);
     }
 
     /// Body bytes queued.
     fn queued(&self) -> usize {
-        self.data.len()
-            + self.more[self.more_at..]
-                .iter()
-                .map(Bytes::len)
-                .sum::<usize>()
+        self.frames
+            .iter()
+            .flat_map(|g| g.rest())
+            .map(Bytes::len)
+            .sum::<usize>()
     }
 
     /// The chunk-size line of a chunk of `len` bytes.
@@ -725,10 +736,7 @@ impl Out {
 
     /// True when the last body frame is written (the head may be pending).
     fn body_written(&self) -> bool {
-        self.size_at == self.size_len
-            && self.data.is_empty()
-            && self.more_at == self.more.len()
-            && self.tail.is_empty()
+        self.size_at == self.size_len && self.frames.is_none() && self.tail.is_empty()
     }
 
     fn is_empty(&self) -> bool {
@@ -741,10 +749,9 @@ impl Out {
         let parts = [
             &self.head[self.head_at..],
             &self.size[usize::from(self.size_at)..usize::from(self.size_len)],
-            &self.data[..],
         ];
-        let more = self.more[self.more_at..].iter().map(|b| &b[..]);
-        for p in parts.into_iter().chain(more).chain([self.tail]) {
+        let frames = self.frames.iter().flat_map(|g| g.rest()).map(|b| &b[..]);
+        for p in parts.into_iter().chain(frames).chain([self.tail]) {
             if !p.is_empty() {
                 slices[n] = IoSlice::new(p);
                 n += 1;
@@ -766,20 +773,23 @@ impl Out {
         let size = usize::from(self.size_len - self.size_at).min(n);
         self.size_at += size as u8;
         n -= size;
-        loop {
-            let data = self.data.len().min(n);
-            self.data.advance(data);
-            n -= data;
-            if !self.data.is_empty() || self.more_at == self.more.len() {
-                break;
+        if let Some(g) = self.frames.as_deref_mut() {
+            while let Some(frame) = g.frames.get_mut(g.at) {
+                let take = frame.len().min(n);
+                frame.advance(take);
+                n -= take;
+                if !frame.is_empty() {
+                    break;
+                }
+                // Written frames are dropped at once: their read buffer can be reused.
+                *frame = Bytes::new();
+                g.at += 1;
             }
-            // Written frames are dropped at once: their read buffer can be reused.
-            self.data = std::mem::take(&mut self.more[self.more_at]);
-            self.more_at += 1;
-        }
-        if self.data.is_empty() && self.more.capacity() > 0 && self.more_at == self.more.len() {
-            frames_pool::put(std::mem::take(&mut self.more));
-            self.more_at = 0;
+            if g.at == g.frames.len()
+                && let Some(g) = self.frames.take()
+            {
+                frames_pool::put(g);
+            }
         }
         let tail = self.tail.len().min(n);
         self.tail = &self.tail[tail..];
@@ -1045,7 +1055,7 @@ mod tests {
             framing.seal(&mut out);
             // Head and first chunk go out together.
             let mut wire = drain_out(&mut out, step);
-            assert!(out.more.capacity() == 0, "the frame vector went back");
+            assert!(out.frames.is_none(), "the frame vector went back");
             framing.frame(&mut out, Bytes::from_static(b"x")).unwrap();
             framing.frame(&mut out, Bytes::from_static(b"yz")).unwrap();
             framing.end(&mut out).unwrap();
