@@ -58,7 +58,7 @@ fn added(r: &Row, direct: Option<&Row>) -> Option<[i64; 2]> {
 }
 
 fn ms_signed(ns: i64) -> String {
-    format!("{:.3}", ns as f64 / 1e6)
+    format!("{:+.3}", ns as f64 / 1e6)
 }
 
 fn skipped_rows(out: &mut String, rows: &[Row], cols: usize) {
@@ -79,6 +79,40 @@ fn skipped_rows(out: &mut String, rows: &[Row], cols: usize) {
             );
         }
     }
+}
+
+/// A table of one figure per target and round (targets that ran in some round), with the
+/// row the scenario table shows marked; empty for a single round.
+fn per_round(
+    title: &str,
+    rounds: &[Vec<Row>],
+    figure: impl Fn(&Row, &[Row]) -> Option<String>,
+) -> String {
+    if rounds.len() < 2 {
+        return String::new();
+    }
+    let mut out = format!("#### {title}\n\n| target |");
+    for i in 1..=rounds.len() {
+        let _ = write!(out, " round {i} |");
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---:|".repeat(rounds.len()));
+    out.push('\n');
+    for (i, first) in rounds[0].iter().enumerate() {
+        let cells: Vec<String> = rounds
+            .iter()
+            .map(|round| match round.get(i) {
+                Some(r) if r.skipped.is_none() => figure(r, round).unwrap_or_else(|| "–".into()),
+                _ => "not run".into(),
+            })
+            .collect();
+        if cells.iter().all(|c| c == "–" || c == "not run") {
+            continue;
+        }
+        let _ = writeln!(out, "| {} | {} |", first.target, cells.join(" | "));
+    }
+    out.push('\n');
+    out
 }
 
 /// The scenario tables.
@@ -105,6 +139,11 @@ pub fn tables(res: &Results) -> String {
         }
         skipped_rows(&mut out, &res.bulk, 8);
         out.push('\n');
+        out.push_str(&per_round(
+            "(a) per round: events per proxy CPU-second, M",
+            &res.bulk_rounds,
+            |r, _| r.events_per_cpu_s().map(|v| format!("{:.2}", v / 1e6)),
+        ));
     }
     if !res.latency.is_empty() {
         let base = find(&res.latency, "ssegate").and_then(Row::cpu_us_per_event);
@@ -138,6 +177,21 @@ pub fn tables(res: &Results) -> String {
         }
         skipped_rows(&mut out, &res.latency, 11);
         out.push('\n');
+        out.push_str(&per_round(
+            "(b) per round: CPU µs per event",
+            &res.latency_rounds,
+            |r, _| r.cpu_us_per_event().map(|v| format!("{v:.1}")),
+        ));
+        out.push_str(&per_round(
+            "(b) per round: added p99 ms (the target's p99 minus the same round's direct p99)",
+            &res.latency_rounds,
+            |r, round| {
+                (r.target != "direct")
+                    .then(|| added(r, find(round, "direct")))
+                    .flatten()
+                    .map(|a| ms_signed(a[1]))
+            },
+        ));
     }
     if !res.scale.is_empty() {
         let base = find(&res.scale, "ssegate").and_then(Row::rss_per_stream);
@@ -268,9 +322,14 @@ pub fn verdicts(res: &Results, min_streams: usize) -> Vec<Verdict> {
         (Some(s), Some(n)) => Verdict {
             target: t.into(),
             measured: format!(
-                "ssegate +{} ms, nginx +{} ms",
+                "ssegate {} ms, nginx {} ms{}",
                 ms_signed(s[1]),
-                ms_signed(n[1])
+                ms_signed(n[1]),
+                if s[1] < 0 || n[1] < 0 {
+                    " (below 0: the direct run's p99 was higher; counted as 0)"
+                } else {
+                    ""
+                }
             ),
             met: Some(s[1] <= n[1].max(0)),
         },
@@ -374,7 +433,7 @@ mod tests {
             bulk,
             latency,
             scale,
-            reload: vec![],
+            ..Results::default()
         };
         let t = tables(&res);
         assert!(t.contains("| nginx | 4.00 M | 0.40× |"), "{t}");
@@ -388,6 +447,84 @@ mod tests {
         assert_eq!(v[4].met, Some(true));
         assert_eq!(v[5].met, None);
         assert!(verdict_table(&v).contains("**missed**"));
+    }
+
+    #[test]
+    fn rounds_get_their_own_tables_and_added_p99_pairs_each_round_with_its_direct_run() {
+        let lat = |target: &str, cpu: f64, p99_ms: u64| {
+            let mut r = row(target, 1000, cpu);
+            r.latency = Some([100_000, p99_ms * 1_000_000, 20_000_000]);
+            if target == "direct" {
+                r.cpu_s = None;
+            }
+            r
+        };
+        let rounds = vec![
+            vec![
+                lat("ssegate", 0.030, 3),
+                lat("direct", 0.0, 1),
+                lat("nginx", 0.020, 2),
+            ],
+            vec![
+                lat("ssegate", 0.010, 9),
+                lat("direct", 0.0, 8),
+                lat("nginx", 0.040, 9),
+            ],
+        ];
+        let res = Results {
+            latency: vec![lat("ssegate", 0.030, 3)],
+            latency_rounds: rounds,
+            ..Results::default()
+        };
+        let t = tables(&res);
+        assert!(t.contains("#### (b) per round: CPU µs per event"), "{t}");
+        assert!(t.contains("| ssegate | 30.0 | 10.0 |"), "{t}");
+        assert!(t.contains("| nginx | 20.0 | 40.0 |"), "{t}");
+        // Each round against its own direct run: +2 then +1 for ssegate, +1 then +1 for nginx.
+        assert!(t.contains("| ssegate | +2.000 | +1.000 |"), "{t}");
+        assert!(t.contains("| nginx | +1.000 | +1.000 |"), "{t}");
+        // Direct has no figure of its own in either table.
+        assert!(!t.contains("| direct |"), "{t}");
+        // One round: no per-round tables.
+        let one = Results {
+            latency_rounds: vec![vec![lat("ssegate", 0.030, 3)]],
+            ..res
+        };
+        assert!(!tables(&one).contains("per round"));
+    }
+
+    #[test]
+    fn added_p99_below_zero_counts_as_zero_and_says_so() {
+        let mut s = row("ssegate", 1000, 0.02);
+        s.latency = Some([2_000_000, 3_000_000, 9_000_000]);
+        let mut n = row("nginx", 1000, 0.02);
+        n.latency = Some([2_000_000, 1_000_000, 9_000_000]);
+        let mut d = row("direct", 1000, 0.0);
+        d.cpu_s = None;
+        d.latency = Some([1_000_000, 4_000_000, 9_000_000]);
+        let res = Results {
+            latency: vec![s.clone(), d.clone(), n.clone()],
+            ..Results::default()
+        };
+        let v = &verdicts(&res, 100)[3];
+        assert_eq!(v.met, Some(true), "{v:?}"); // -1 ms vs -3 ms: both add nothing measurable
+        assert!(
+            v.measured
+                .contains("ssegate -1.000 ms, nginx -3.000 ms (below 0"),
+            "{v:?}"
+        );
+        // ssegate adding latency where nginx adds none is missed.
+        s.latency = Some([2_000_000, 5_000_000, 9_000_000]);
+        let res = Results {
+            latency: vec![s, d, n],
+            ..Results::default()
+        };
+        let v = &verdicts(&res, 100)[3];
+        assert_eq!(v.met, Some(false), "{v:?}");
+        assert!(
+            v.measured.starts_with("ssegate +1.000 ms, nginx -3.000 ms"),
+            "{v:?}"
+        );
     }
 
     #[test]

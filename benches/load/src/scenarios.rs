@@ -7,6 +7,10 @@
 //!
 //! CPU and RSS are the target process tree's own (see [`crate::procfs`]), never wall
 //! throughput, because the machine is shared.
+//!
+//! (a) and (b) can run in several rounds ([`Plan::rounds`]): every target once per round, in
+//! turn, so a burst of noise from a shared host lands on one round of one target instead of
+//! deciding a comparison. Each target's row is then its median round (see [`median_round`]).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -46,6 +50,8 @@ pub struct Plan {
     pub reload_interval: Duration,
     /// Source addresses used by the client.
     pub source_ips: u8,
+    /// (a) and (b): how many times each target runs, interleaved with the others.
+    pub rounds: u32,
 }
 
 /// Outcome of one scenario on one target.
@@ -118,6 +124,10 @@ pub struct Results {
     pub scale: Vec<Row>,
     /// (d)
     pub reload: Vec<Row>,
+    /// (a) every round's rows (round, then target order); `bulk` holds their medians.
+    pub bulk_rounds: Vec<Vec<Row>>,
+    /// (b) every round's rows; `latency` holds their medians.
+    pub latency_rounds: Vec<Vec<Row>>,
 }
 
 fn load_cfg(plan: &Plan, target: SocketAddr, path: String, streams: usize) -> LoadConfig {
@@ -145,34 +155,125 @@ fn secs(s: f64) -> Duration {
 pub async fn run(plan: &Plan, env: &Env) -> Results {
     let mut res = Results::default();
     for &sc in &plan.scenarios {
-        for &kind in &plan.targets {
-            if sc == 'd' && !matches!(kind, Kind::Ssegate | Kind::Nginx) {
-                continue;
-            }
-            eprintln!("[{sc}] {} ...", kind.name());
-            let row = match targets::start(kind, env).await {
-                Err(e) => Row::skipped(kind, format!("{e:#}")),
-                Ok(t) => {
-                    let row = match sc {
-                        'a' => bulk(plan, &t).await,
-                        'b' => latency(plan, &t).await,
-                        'c' => scale(plan, &t).await,
-                        _ => reload(plan, env, &t).await,
-                    };
-                    t.stop();
-                    row
+        let rounds = if matches!(sc, 'a' | 'b') {
+            plan.rounds.max(1)
+        } else {
+            1
+        };
+        let mut all: Vec<Vec<Row>> = Vec::new();
+        for round in 1..=rounds {
+            let mut rows = Vec::new();
+            for &kind in &plan.targets {
+                if sc == 'd' && !matches!(kind, Kind::Ssegate | Kind::Nginx) {
+                    continue;
                 }
-            };
-            eprintln!("[{sc}] {} done: {:?}", kind.name(), summary(&row));
-            match sc {
-                'a' => res.bulk.push(row),
-                'b' => res.latency.push(row),
-                'c' => res.scale.push(row),
-                _ => res.reload.push(row),
+                let of = if rounds > 1 {
+                    format!(" (round {round} of {rounds})")
+                } else {
+                    String::new()
+                };
+                eprintln!("[{sc}] {}{of} ...", kind.name());
+                let row = run_one(sc, kind, plan, env).await;
+                eprintln!("[{sc}] {}{of} done: {:?}", kind.name(), summary(&row));
+                rows.push(row);
             }
+            all.push(rows);
+        }
+        let key: fn(&Row) -> Option<f64> = match sc {
+            'a' => Row::events_per_cpu_s,
+            _ => Row::cpu_us_per_event,
+        };
+        let merged: Vec<Row> = (0..all.first().map_or(0, Vec::len))
+            .map(|i| median_round(&all.iter().map(|r| r[i].clone()).collect::<Vec<_>>(), key))
+            .collect();
+        match sc {
+            'a' => {
+                res.bulk = merged;
+                res.bulk_rounds = all;
+            }
+            'b' => {
+                res.latency = merged;
+                res.latency_rounds = all;
+            }
+            'c' => res.scale = merged,
+            _ => res.reload = merged,
         }
     }
     res
+}
+
+/// One scenario on a freshly started target.
+async fn run_one(sc: char, kind: Kind, plan: &Plan, env: &Env) -> Row {
+    match targets::start(kind, env).await {
+        Err(e) => Row::skipped(kind, format!("{e:#}")),
+        Ok(t) => {
+            let row = match sc {
+                'a' => bulk(plan, &t).await,
+                'b' => latency(plan, &t).await,
+                'c' => scale(plan, &t).await,
+                _ => reload(plan, env, &t).await,
+            };
+            t.stop();
+            row
+        }
+    }
+}
+
+/// One target's rounds as one row: the median round by `key` (its counters, CPU and wall
+/// time, so the row's own figures stay consistent), with the latency and time-to-first-event
+/// percentiles replaced by their medians over the rounds, and every round's problems kept:
+/// failed, dropped, missing and repeated counts are summed and errors collected, so a
+/// problem in any round shows. A round that could not run is an error of the row; a target
+/// no round ran stays skipped.
+pub fn median_round(rows: &[Row], key: fn(&Row) -> Option<f64>) -> Row {
+    let ran: Vec<&Row> = rows.iter().filter(|r| r.skipped.is_none()).collect();
+    let Some(&first) = ran.first() else {
+        return rows.first().cloned().unwrap_or_default();
+    };
+    if rows.len() == 1 {
+        return first.clone();
+    }
+    let mut by_key = ran.clone();
+    // Rounds without the figure (no events, no CPU reading) sort last.
+    by_key.sort_by(|a, b| match (key(a), key(b)) {
+        (Some(x), Some(y)) => x.total_cmp(&y),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => std::cmp::Ordering::Equal,
+    });
+    let mut row = by_key[(by_key.len() - 1) / 2].clone();
+    row.latency = median_each(ran.iter().filter_map(|r| r.latency));
+    row.first_event = median_each(ran.iter().filter_map(|r| r.first_event));
+    let c = &mut row.counters;
+    c.failed = ran.iter().map(|r| r.counters.failed).sum();
+    c.dropped = ran.iter().map(|r| r.counters.dropped).sum();
+    c.gaps = ran.iter().map(|r| r.counters.gaps).sum();
+    c.dups = ran.iter().map(|r| r.counters.dups).sum();
+    row.errors.clear();
+    for (i, r) in rows.iter().enumerate() {
+        if let Some(why) = &r.skipped {
+            row.errors.push(format!("round {} not run: {why}", i + 1));
+        }
+        for e in &r.errors {
+            if !row.errors.contains(e) {
+                row.errors.push(e.clone());
+            }
+        }
+    }
+    row
+}
+
+/// Element-wise (lower) median of equally long arrays; None for none.
+fn median_each<const N: usize>(values: impl Iterator<Item = [u64; N]>) -> Option<[u64; N]> {
+    let values: Vec<[u64; N]> = values.collect();
+    if values.is_empty() {
+        return None;
+    }
+    Some(std::array::from_fn(|k| {
+        let mut col: Vec<u64> = values.iter().map(|v| v[k]).collect();
+        col.sort_unstable();
+        col[(col.len() - 1) / 2]
+    }))
 }
 
 fn summary(r: &Row) -> String {
@@ -388,5 +489,63 @@ fn change_config(env: &Env, t: &Running, generation: u32) -> anyhow::Result<()> 
             Ok(())
         }
         _ => anyhow::bail!("{} has no reload in this bench", t.kind.name()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(cpu: f64, events: u64, p99: u64, dropped: u64) -> Row {
+        Row {
+            target: "ssegate".into(),
+            counters: Counters {
+                events,
+                dropped,
+                ..Counters::default()
+            },
+            cpu_s: Some(cpu),
+            latency: Some([1, p99, 100]),
+            first_event: Some([5, p99 * 2]),
+            ..Row::default()
+        }
+    }
+
+    #[test]
+    fn the_median_round_keeps_its_own_figures_and_every_rounds_problems() {
+        let rows = [
+            round(3.0, 1000, 30, 0),
+            round(1.0, 1000, 10, 2),
+            round(2.0, 1000, 50, 0),
+        ];
+        let m = median_round(&rows, Row::cpu_us_per_event);
+        // The 2 ms/1000-event round is the median by CPU per event.
+        assert_eq!(m.cpu_s, Some(2.0));
+        assert_eq!(m.cpu_us_per_event(), Some(2000.0));
+        // Percentiles: medians over the rounds, each on its own.
+        assert_eq!(m.latency, Some([1, 30, 100]));
+        assert_eq!(m.first_event, Some([5, 60]));
+        // The drops of round 2 are not hidden by picking round 3.
+        assert_eq!(m.counters.dropped, 2);
+    }
+
+    #[test]
+    fn a_round_that_did_not_run_is_an_error_and_no_run_at_all_stays_skipped() {
+        let skipped = Row::skipped(Kind::Nginx, "not installed".into());
+        let mut ran = round(1.0, 10, 1, 0);
+        ran.target = "nginx".into();
+        let m = median_round(&[skipped.clone(), ran], Row::cpu_us_per_event);
+        assert!(m.skipped.is_none());
+        assert_eq!(m.errors, vec!["round 1 not run: not installed".to_string()]);
+        let m = median_round(&[skipped.clone(), skipped], Row::cpu_us_per_event);
+        assert_eq!(m.skipped.as_deref(), Some("not installed"));
+    }
+
+    #[test]
+    fn one_round_is_passed_through() {
+        let r = round(1.0, 10, 7, 1);
+        let m = median_round(std::slice::from_ref(&r), Row::cpu_us_per_event);
+        assert_eq!(m.latency, r.latency);
+        assert_eq!(m.counters.dropped, 1);
     }
 }
