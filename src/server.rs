@@ -492,14 +492,11 @@ pub async fn start_cluster(
             let mut cert_watch = files::DefaultCertWatch::new(files);
             let first = cert_watch.read().map_err(|e| anyhow::anyhow!("{e}"))?;
             let (tx, rx) = watch::channel(vec![first]);
-            Some((
-                files::watch_default_cert(cert_watch, cfg.reload_poll, tx),
-                rx,
-            ))
+            Some(((cert_watch, tx), rx))
         }
         None => None,
     };
-    let (default_cert_task, extra_secrets) = default_cert.unzip();
+    let (default_cert_watch, extra_secrets) = default_cert.unzip();
     let publisher = core.publisher(compile);
     let (status_tx, status_rx) = watch::channel(Arc::new(Vec::new()));
     let (leader_tx, leader_rx) = watch::channel(false);
@@ -519,8 +516,13 @@ pub async fn start_cluster(
         publisher,
         status_tx,
     ));
-    if let Some(task) = default_cert_task {
-        running.tasks.spawn(task);
+    if let Some((cert_watch, tx)) = default_cert_watch {
+        running.tasks.spawn(files::watch_default_cert(
+            cert_watch,
+            cfg.reload_poll,
+            tx,
+            metrics.clone(),
+        ));
     }
     running.tasks.spawn(writer::run(
         client.clone(),

@@ -544,11 +544,14 @@ impl DefaultCertWatch {
 
 /// Cluster mode's `--default-cert` reload: checks the files every `poll` (reading them only
 /// when one changed, see [`DefaultCertWatch`]) and sends each new Secret on `tx`. A file
-/// that cannot be read is logged and the last good Secret stays. Runs until dropped.
+/// that cannot be read is logged and counted as a failed reload
+/// (`ssegate_config_reloads_total{result="failure"}`, as standalone mode counts the same
+/// error), once per failure, and the last good Secret stays. Runs until dropped.
 pub async fn watch_default_cert(
     mut files: DefaultCertWatch,
     poll: Duration,
     tx: tokio::sync::watch::Sender<Vec<k8s_openapi::api::core::v1::Secret>>,
+    metrics: crate::metrics::Metrics,
 ) {
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -571,6 +574,7 @@ pub async fn watch_default_cert(
                 tx.send_replace(vec![secret]);
             }
             Some(Err(e)) => {
+                metrics.config_reload(false);
                 tracing::error!(path = %e.path.display(), reason = %e.reason, "cannot read the default certificate; keeping the last good one");
             }
             None => {}
@@ -1162,6 +1166,42 @@ mod tests {
         assert!(w.check().is_none());
         std::fs::rename(dir.path().join("d.key.bak"), &pair.1).unwrap();
         assert_eq!(crt(&w.check().unwrap().unwrap()), "CERT-2");
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_default_cert_counts_one_failed_reload_and_keeps_the_last_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = (dir.path().join("d.crt"), dir.path().join("d.key"));
+        std::fs::write(&pair.0, "CERT-1").unwrap();
+        std::fs::write(&pair.1, "KEY-1").unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        let failures = || {
+            let text = metrics.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix(r#"ssegate_config_reloads_total{result="failure"} "#))
+                .map_or(0.0, |v| v.parse::<f64>().unwrap())
+        };
+        let mut w = DefaultCertWatch::new(pair.clone());
+        let first = w.read().unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(vec![first]);
+        let task = tokio::spawn(watch_default_cert(
+            w,
+            Duration::from_millis(20),
+            tx,
+            metrics.clone(),
+        ));
+        std::fs::rename(&pair.1, dir.path().join("d.key.bak")).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while failures() < 1.0 {
+            assert!(std::time::Instant::now() < deadline, "no failure counted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Reported once, not on every poll; the last good Secret stays.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(failures(), 1.0);
+        let kept = rx.borrow()[0].data.as_ref().unwrap()["tls.crt"].0.clone();
+        assert_eq!(kept, b"CERT-1");
+        task.abort();
     }
 
     /// Property tests: arbitrary YAML and JSON never panic the loader or the compiler, and
