@@ -1131,6 +1131,14 @@ mod tests {
         );
         let size = std::mem::size_of_val(&task);
         let body = std::mem::size_of::<ProxyBody>();
-        assert!(size < body + 768, "task {size} B, body {body} B");
+        // An absolute budget, not one relative to the body: the task is the largest
+        // allocation of an idle stream (2.4 KiB in all, benches/RESULTS.md (c)). The runtime
+        // allocates it with its header and trailer, and the allocator rounds that up to a
+        // size class (256 B apart around 1 KiB), so a few bytes more can cost a whole step on
+        // every stream. Growing it should be a decision, not a drift.
+        assert!(
+            size <= 1024,
+            "task {size} B (body {body} B): over the 1 KiB budget"
+        );
     }
 }
