@@ -1077,10 +1077,9 @@ mod tests {
         assert!(at(b"id: 1\n\n"));
     }
 
-    #[test]
-    fn line_end_masks_match_the_scalar_ones() {
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        for _ in 0..2000 {
+    /// 2,000 pseudo-random 64-byte blocks of LF, CR, NUL and other bytes.
+    fn random_blocks(mut state: u64) -> impl Iterator<Item = [u8; 64]> {
+        (0..2000).map(move |_| {
             let mut block = [0u8; 64];
             for b in &mut block {
                 state ^= state << 13;
@@ -1088,6 +1087,13 @@ mod tests {
                 state ^= state << 17;
                 *b = b"\n\rxd\0\xff"[(state % 6) as usize];
             }
+            block
+        })
+    }
+
+    #[test]
+    fn line_end_masks_match_the_scalar_ones() {
+        for block in random_blocks(0x2545_F491_4F6C_DD1D) {
             assert_eq!(line_ends(&block), line_ends_scalar(&block), "{block:?}");
         }
         let mut block = [b'x'; 64];
@@ -1102,15 +1108,7 @@ mod tests {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return;
         }
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        for _ in 0..2000 {
-            let mut block = [0u8; 64];
-            for b in &mut block {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                *b = b"\n\rxd\0\xff"[(state % 6) as usize];
-            }
+        for block in random_blocks(0x9E37_79B9_7F4A_7C15) {
             // SAFETY: AVX2 was detected above.
             let avx2 = unsafe { line_ends_avx2(&block) };
             assert_eq!(avx2, line_ends_scalar(&block), "{block:?}");
