@@ -333,9 +333,8 @@ impl Framer {
         (dispatched, start)
     }
 
-    /// Stores `last`, the value of the last `id` line of `lines` (whole LF-terminated lines),
-    /// unless clients would ignore it (NUL, or longer than [`MAX_ID_LEN`]); then the last of
-    /// the earlier `id` lines that is valid counts, if any.
+    /// The rare case of [`Framer::store_last_id`]: the last valid `id` value of `lines`, if
+    /// any.
     #[cold]
     #[inline(never)]
     fn store_last_id_slow(&mut self, lines: &[u8]) {
@@ -349,6 +348,9 @@ impl Framer {
         }
     }
 
+    /// Stores `last`, the value of the last `id` line of `lines` (whole LF-terminated lines),
+    /// unless clients would ignore it (NUL, or longer than [`MAX_ID_LEN`]); then the last of
+    /// the earlier `id` lines that is valid counts, if any.
     fn store_last_id(&mut self, last: &[u8], lines: &[u8]) {
         if valid_id(last) {
             self.id.set(last);

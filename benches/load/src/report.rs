@@ -410,20 +410,27 @@ mod tests {
         }
     }
 
+    /// A (b) row of 1,000 events: `cpu` seconds (none for direct) and p50/p99/max in ms.
+    fn lat(target: &str, cpu: f64, [p50, p99, max]: [f64; 3]) -> Row {
+        let mut r = row(target, 1000, cpu);
+        r.latency = Some([p50, p99, max].map(|ms| (ms * 1e6) as u64));
+        if target == "direct" {
+            r.cpu_s = None;
+        }
+        r
+    }
+
     #[test]
     fn ratios_are_against_ssegate_and_targets_are_judged() {
         let bulk = vec![
             row("ssegate", 10_000_000, 1.0),
             row("nginx", 4_000_000, 1.0),
         ];
-        let mut s = row("ssegate", 1000, 0.02);
-        s.latency = Some([2_000_000, 5_000_000, 9_000_000]);
-        let mut n = row("nginx", 1000, 0.04);
-        n.latency = Some([2_100_000, 11_000_000, 20_000_000]);
-        let mut d = row("direct", 1000, 0.0);
-        d.cpu_s = None;
-        d.latency = Some([1_900_000, 1_000_000, 2_000_000]);
-        let latency = vec![s, d, n];
+        let latency = vec![
+            lat("ssegate", 0.02, [2.0, 5.0, 9.0]),
+            lat("direct", 0.0, [1.9, 1.0, 2.0]),
+            lat("nginx", 0.04, [2.1, 11.0, 20.0]),
+        ];
         let mut sc = row("ssegate", 0, 0.0);
         sc.rss_kib = Some((1000, 1000 + 400));
         let mut hc = row("haproxy", 0, 0.0);
@@ -451,28 +458,20 @@ mod tests {
 
     #[test]
     fn rounds_get_their_own_tables_and_added_p99_pairs_each_round_with_its_direct_run() {
-        let lat = |target: &str, cpu: f64, p99_ms: u64| {
-            let mut r = row(target, 1000, cpu);
-            r.latency = Some([100_000, p99_ms * 1_000_000, 20_000_000]);
-            if target == "direct" {
-                r.cpu_s = None;
-            }
-            r
-        };
         let rounds = vec![
             vec![
-                lat("ssegate", 0.030, 3),
-                lat("direct", 0.0, 1),
-                lat("nginx", 0.020, 2),
+                lat("ssegate", 0.030, [0.1, 3.0, 20.0]),
+                lat("direct", 0.0, [0.1, 1.0, 20.0]),
+                lat("nginx", 0.020, [0.1, 2.0, 20.0]),
             ],
             vec![
-                lat("ssegate", 0.010, 9),
-                lat("direct", 0.0, 8),
-                lat("nginx", 0.040, 9),
+                lat("ssegate", 0.010, [0.1, 9.0, 20.0]),
+                lat("direct", 0.0, [0.1, 8.0, 20.0]),
+                lat("nginx", 0.040, [0.1, 9.0, 20.0]),
             ],
         ];
         let res = Results {
-            latency: vec![lat("ssegate", 0.030, 3)],
+            latency: vec![lat("ssegate", 0.030, [0.1, 3.0, 20.0])],
             latency_rounds: rounds,
             ..Results::default()
         };
@@ -487,7 +486,7 @@ mod tests {
         assert!(!t.contains("| direct |"), "{t}");
         // One round: no per-round tables.
         let one = Results {
-            latency_rounds: vec![vec![lat("ssegate", 0.030, 3)]],
+            latency_rounds: vec![vec![lat("ssegate", 0.030, [0.1, 3.0, 20.0])]],
             ..res
         };
         assert!(!tables(&one).contains("per round"));
@@ -495,15 +494,10 @@ mod tests {
 
     #[test]
     fn added_p99_below_zero_counts_as_zero_and_says_so() {
-        let mut s = row("ssegate", 1000, 0.02);
-        s.latency = Some([2_000_000, 3_000_000, 9_000_000]);
-        let mut n = row("nginx", 1000, 0.02);
-        n.latency = Some([2_000_000, 1_000_000, 9_000_000]);
-        let mut d = row("direct", 1000, 0.0);
-        d.cpu_s = None;
-        d.latency = Some([1_000_000, 4_000_000, 9_000_000]);
+        let d = lat("direct", 0.0, [1.0, 4.0, 9.0]);
+        let n = lat("nginx", 0.02, [2.0, 1.0, 9.0]);
         let res = Results {
-            latency: vec![s.clone(), d.clone(), n.clone()],
+            latency: vec![lat("ssegate", 0.02, [2.0, 3.0, 9.0]), d.clone(), n.clone()],
             ..Results::default()
         };
         let v = &verdicts(&res, 100)[3];
@@ -514,9 +508,8 @@ mod tests {
             "{v:?}"
         );
         // ssegate adding latency where nginx adds none is missed.
-        s.latency = Some([2_000_000, 5_000_000, 9_000_000]);
         let res = Results {
-            latency: vec![s, d, n],
+            latency: vec![lat("ssegate", 0.02, [2.0, 5.0, 9.0]), d, n],
             ..Results::default()
         };
         let v = &verdicts(&res, 100)[3];
